@@ -1,0 +1,86 @@
+"""Generalized Advantage Estimation (GAE) for token-level PPO.
+
+Implements document 000 ("The Critic Bottleneck in PPO", section "The Mathematics of PPO and Its Critic" and the
+"Manual Numerical Walkthrough", steps 1-3 and 6), document 002 ("GRPO vs. PPO for LLM RL", section "The Gradient
+Estimator") and document 004 ("PPO & GRPO for LLM Alignment", section "Generalized Advantage Estimation (GAE)").
+
+    δ_t = r_t + γ·V(s_{t+1}) − V(s_t)                 TD error, with V(s_{T}) = 0 after the last token
+    A_t = Σ_{k≥0} (γλ)^k δ_{t+k}  =  δ_t + γλ·A_{t+1}  computed backwards in time (document 000, step 3)
+    R_t = A_t + V(s_t)                                 the critic's regression target (document 000, step 6)
+
+λ = 0 gives the one-step TD error A_t = δ_t; λ = 1 gives the Monte-Carlo return minus the baseline,
+A_t = Σ_k γ^k r_{t+k} − V(s_t). Language-model RL usually takes γ = 1 and λ = 0.95 (document 000).
+
+Shapes: B sequences in the batch, T completion tokens (padded to the longest).
+
+| symbol   | variable      | shape  | meaning                                                   |
+|----------|---------------|--------|-----------------------------------------------------------|
+| r_t      | rewards       | (B, T) | per-token reward (score at the last token, −β·KL shaping)  |
+| V(s_t)   | values        | (B, T) | critic's prediction before token t is emitted              |
+| m_t      | mask          | (B, T) | 1 for completion tokens, 0 for padding                     |
+| γ, λ     | gamma, lam    | scalar | discount and GAE interpolation                             |
+| δ_t      | deltas        | (B, T) | TD errors                                                  |
+| A_t      | advantages    | (B, T) | GAE advantages, 0 on padding                               |
+| R_t      | returns       | (B, T) | value targets A_t + V(s_t), 0 on padding                   |
+"""
+
+import torch
+
+
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages and returns for a padded batch; padding never leaks into valid tokens.
+
+    The value after a row's last valid token is taken as 0 (the episode ends there: document 000, step 1,
+    "shift V left and append 0"). Runs under no_grad: the critic gets its gradient only from the value loss
+    (document 000, "GAE in PyTorch", the classic bug of routing the policy loss through the critic).
+    """
+    with torch.no_grad():
+        mask = torch.ones_like(values) if mask is None else mask.to(values.dtype)  # (B, T)
+        values = values * mask  # (B, T) padded values never enter a TD error
+        rewards = rewards * mask  # (B, T)
+        B, T = values.shape
+        # V(s_{t+1}): shift V left, append 0; zero where token t+1 is padding (end of the row's episode)
+        next_values = torch.cat([values[:, 1:], values.new_zeros(B, 1)], dim=1)  # (B, T)
+        next_mask = torch.cat([mask[:, 1:], mask.new_zeros(B, 1)], dim=1)  # (B, T)
+        # δ_t = r_t + γ V(s_{t+1}) − V(s_t)
+        deltas = rewards + gamma * next_values * next_mask - values  # (B, T)
+        advantages = torch.zeros_like(values)  # (B, T)
+        running = values.new_zeros(B)  # (B,) A_{t+1}
+        for t in reversed(range(T)):
+            # A_t = δ_t + γλ A_{t+1}, with A_{t+1} = 0 when token t+1 is padding
+            running = deltas[:, t] + gamma * lam * running * next_mask[:, t]  # (B,)
+            advantages[:, t] = running * mask[:, t]  # (B,)
+        # R_t = A_t + V(s_t)
+        returns = (advantages + values) * mask  # (B, T)
+    return advantages, returns
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over positions where mask is 1."""
+    # x̄ = Σ m·x / Σ m
+    return (x * mask).sum() / mask.sum().clamp(min=1)  # ()
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of x over positions where mask is 1 (Bessel-corrected by default, like torch.std in document 000)."""
+    mean = masked_mean(x, mask)  # ()
+    # s² = Σ m·(x − x̄)² / (Σ m − 1)
+    sq = ((x - mean) ** 2 * mask).sum()  # ()
+    n = mask.sum()  # ()
+    return sq / (n - 1).clamp(min=1) if unbiased else sq / n.clamp(min=1)  # ()
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Advantage whitening over valid tokens: (x − mean) / (std + ε), 0 on padding.
+
+    Document 000, "PyTorch: The Real PPO Loss", line 79 of its listing (`adv = (adv - adv.mean()) / (adv.std() + 1e-8)`),
+    with masked statistics so padding does not move the mean. shift_mean=False rescales only.
+    """
+    mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)  # (B, T)
+    mean = masked_mean(x, mask)  # ()
+    std = masked_var(x, mask).sqrt()  # ()
+    # Â = (A − mean(A)) / (std(A) + ε)
+    centred = x - mean if shift_mean else x  # (B, T)
+    return centred / (std + eps) * mask  # (B, T)

@@ -1,0 +1,201 @@
+"""PPO for language models: the clipped surrogate, the critic loss, entropy, KL reward shaping, diagnostics.
+
+Implements document 000 ("The Critic Bottleneck in PPO": "The Mathematics of PPO and Its Critic", "Manual Numerical
+Walkthrough" steps 4-7), document 002 ("GRPO vs. PPO for LLM RL": "The PPO Clipping Mechanism", "Understanding the
+Per-Token Surrogate", "KL Regularization and Trust Regions", "The Complete PPO Objective") and document 004
+("PPO & GRPO for LLM Alignment": "Generalized Advantage Estimation (GAE)" for per-token KL shaping, "The full PPO
+objective for RLHF").
+
+    ρ_t   = π_θ(a_t|s_t) / π_θold(a_t|s_t) = exp(log π_θ − log π_θold)                       importance ratio
+    L^CLIP_t = −min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)                                        per-token policy loss
+    L^V_t = (V_φ(s_t) − R_t)²,   R_t = A_t + V_φold(s_t)                                     per-token critic loss
+    H_t   = −Σ_a π_θ(a|s_t) log π_θ(a|s_t)                                                   per-token entropy
+    r_t   = −β (log π_θ(a_t|s_t) − log π_ref(a_t|s_t))  (+ reward-model score at the last token)   KL shaping
+    L     = mean_t L^CLIP_t + c_v·mean_t L^V_t − c_h·mean_t H_t                               composite loss
+
+Erratum (document 000, "Manual Numerical Walkthrough", step 4): the text says every ratio of the 6-token example
+lies inside the clip window [0.8, 1.2]; but ρ_3 = exp(0.20) = 1.2214 > 1.2 and A_3 > 0, so clipping is active at
+token 3. The document's own NumPy listing does clip (np.minimum with np.clip), and that gives L_PPO = −0.4821 and
+L = −0.3742, not the −0.484 and −0.376 printed in steps 5 and 7, which drop the clip (−0.4838, −0.3759). The math
+decides; tests/test_worked_example.py recomputes both by hand and pins the clipped values.
+
+Shapes: B sequences, T completion tokens, V vocabulary.
+
+| symbol        | variable          | shape     | meaning                                                   |
+|---------------|-------------------|-----------|-----------------------------------------------------------|
+| log π_θ       | logprobs          | (B, T)    | current policy's log-prob of each sampled token            |
+| log π_θold    | old_logprobs      | (B, T)    | the same under the rollout policy                          |
+| log π_ref     | ref_logprobs      | (B, T)    | the same under the frozen reference                        |
+| A_t           | advantages        | (B, T)    | GAE advantages (gae.py) or a broadcast group advantage     |
+| V_φ, V_φold   | values, old_values| (B, T)    | critic predictions now and at rollout time                 |
+| R_t           | returns           | (B, T)    | value targets                                              |
+| m_t           | mask              | (B, T)    | 1 for completion tokens                                    |
+| ε, ε_low/high | eps, eps_low/high | scalar    | clip range (asymmetric: DAPO's clip-higher)                |
+| c             | dual_clip         | scalar    | dual-clip bound for A < 0 (Ye et al. 2020), c > 1          |
+| β             | beta              | scalar    | KL coefficient (InstructGPT used 0.02, document 004)       |
+| logits        | logits            | (B, T, V) | policy logits that produced logprobs                       |
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
+    """Σ m·x / N with N = Σ m, or a given N (the global token count when the batch is split across ranks)."""
+    n = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+    # E_t[x] = Σ_t m_t x_t / N
+    return (x * mask).sum() / n  # ()
+
+
+def clipped_surrogate_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    eps: float = 0.2,
+    eps_low: float | None = None,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+) -> torch.Tensor:
+    """Per-token −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), unreduced (B, T). Mask and reduce it yourself.
+
+    Gradient (document 002, "Understanding the Per-Token Surrogate"): −ρA·∇log π inside the band; exactly 0 when
+    A > 0 and ρ > 1+ε_high, or A < 0 and ρ < 1−ε_low. With dual_clip = c, a token with A < 0 and ρ > c has its
+    loss capped at −c·A (gradient 0), bounding the damage of a huge ratio on a bad token.
+    """
+    eps_low = eps if eps_low is None else eps_low
+    eps_high = eps if eps_high is None else eps_high
+    # ρ_t = exp(log π_θ − log π_θold)
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    # −ρ_t A_t  and  −clip(ρ_t, 1−ε, 1+ε) A_t
+    unclipped = -ratio * advantages  # (B, T)
+    clipped = -torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages  # (B, T)
+    # L^CLIP_t = −min(ρA, clip(ρ)A) = max(−ρA, −clip(ρ)A)
+    loss = torch.maximum(unclipped, clipped)  # (B, T)
+    if dual_clip is not None:
+        # dual clip, A < 0 only: L_t = min(L^CLIP_t, −c·A_t)
+        loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)  # (B, T)
+    return loss
+
+
+def value_loss(
+    values: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor | None = None, clip: float | None = None
+) -> torch.Tensor:
+    """Per-token critic loss (V − R)², document 000's L_V (no ½ factor: its walkthrough gives 0.216), unreduced.
+
+    With clip (PPO2-style value clipping as in OpenAI baselines): V_clip = V_old + clip(V − V_old, −c, c) and
+    the loss is max((V − R)², (V_clip − R)²), so the critic cannot move far from its rollout-time prediction.
+    """
+    # L^V_t = (V_φ(s_t) − R_t)²
+    loss = (values - returns) ** 2  # (B, T)
+    if clip is not None and old_values is not None:
+        # V_clip = V_old + clip(V − V_old, −c, c)
+        values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)  # (B, T)
+        loss = torch.maximum(loss, (values_clipped - returns) ** 2)  # (B, T)
+    return loss
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Exact per-token entropy H = −Σ_a p log p = logsumexp(z) − Σ_a p·z, from logits (B, T, V) → (B, T)."""
+    p = torch.softmax(logits, dim=-1)  # (B, T, V)
+    # H = log Σ_a e^{z_a} − Σ_a p_a z_a
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)  # (B, T)
+
+
+def kl_shaped_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Per-token rewards with the KL penalty folded in (document 004, "Generalized Advantage Estimation (GAE)").
+
+    r_t = −β·KL_t at every token and r_T = R(p, r) − β·KL_T at the last valid token, KL_t = log π_θ − log π_ref
+    (the k1 estimator, as InstructGPT). scores: (B,) sequence-level reward.
+    """
+    mask = mask.to(logprobs.dtype)  # (B, T)
+    # KL_t = log π_θ(a_t|s_t) − log π_ref(a_t|s_t)
+    kl = (logprobs - ref_logprobs) * mask  # (B, T)
+    # r_t = −β KL_t
+    rewards = -beta * kl  # (B, T)
+    # last valid index per row (mask is a prefix of ones); an empty row adds its score nowhere
+    last = (mask.sum(dim=1).long() - 1).clamp(min=0)  # (B,)
+    has_tokens = (mask.sum(dim=1) > 0).to(rewards.dtype)  # (B,)
+    # r_T += R(p, r)
+    rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype) * has_tokens  # (B,)
+    return rewards
+
+
+def clip_fraction(
+    ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2
+) -> torch.Tensor:
+    """clipfrac: the fraction of valid tokens whose gradient the clip zeroes (A > 0, ρ > 1+ε or A < 0, ρ < 1−ε).
+
+    cleanrl counts |ρ − 1| > ε instead, which also counts tokens where the min picks the unclipped branch and the
+    gradient still flows; we count only the tokens the trust region actually stopped.
+    """
+    # clipped_t = [A_t > 0 ∧ ρ_t > 1+ε] ∨ [A_t < 0 ∧ ρ_t < 1−ε]
+    clipped = ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - eps_low))  # (B, T)
+    return masked_mean(clipped.to(ratio.dtype), mask.to(ratio.dtype))  # ()
+
+
+def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """approx_kl: k3 estimate of KL(π_θold ‖ π_θ) on tokens sampled from π_θold, E[(ρ − 1) − log ρ] ≥ 0.
+
+    Schulman, "Approximating KL Divergence" (2020); the same statistic cleanrl logs. Watch it during the inner
+    epochs: a value above ~0.02 per token means the update left the region where the surrogate is trustworthy.
+    """
+    logratio = logprobs - old_logprobs  # (B, T)
+    # k3 = (ρ − 1) − log ρ
+    return masked_mean(torch.expm1(logratio) - logratio, mask.to(logratio.dtype))  # ()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """explained_variance = 1 − Var[R − V] / Var[R] over valid tokens: 1 is a perfect critic, ≤ 0 a useless one."""
+    mask = mask.to(values.dtype)  # (B, T)
+    n = mask.sum().clamp(min=2)  # ()
+    mean_r = (returns * mask).sum() / n  # ()
+    var_r = (((returns - mean_r) ** 2) * mask).sum() / (n - 1)  # ()
+    err = (returns - values) * mask  # (B, T)
+    var_err = (((err - err.sum() / n) ** 2) * mask).sum() / (n - 1)  # ()
+    # EV = 1 − Var[R − V] / Var[R]   (NaN when the returns do not vary)
+    return 1.0 - var_err / var_r if var_r > 0 else torch.full_like(var_r, float("nan"))  # ()
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+    old_values: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    eps: float = 0.2,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.0,
+    value_clip: float | None = None,
+    num_tokens: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """The composite loss L = −J_PPO + c_v·L_V − c_h·H with masked token means (document 002, "The Complete PPO
+    Objective"; document 000 uses c_v ≈ 0.5, c_h ≈ 0.01). Returns the loss and its parts, detached parts for logging.
+
+    num_tokens: the normaliser N of every mean; pass the global token count / world size when ranks split a batch,
+    so that FSDP's gradient average equals the gradient of the global mean.
+    """
+    mask = mask.to(logprobs.dtype)  # (B, T)
+    # −J_PPO = E_t[−min(ρA, clip(ρ)A)]
+    policy_loss = masked_mean(clipped_surrogate_loss(logprobs, old_logprobs, advantages, eps=eps), mask, num_tokens)
+    loss = policy_loss
+    out = {"policy_loss": policy_loss.detach()}
+    if values is not None:
+        # + c_v E_t[(V − R)²]
+        v_loss = masked_mean(value_loss(values, returns, old_values, value_clip), mask, num_tokens)  # ()
+        loss = loss + vf_coef * v_loss
+        out["value_loss"] = v_loss.detach()
+    if entropy is not None:
+        # − c_h E_t[H_t]
+        ent = masked_mean(entropy, mask, num_tokens)  # ()
+        loss = loss - ent_coef * ent
+        out["entropy"] = ent.detach()
+    ratio = torch.exp(logprobs - old_logprobs).detach()  # (B, T)
+    out["clipfrac"] = clip_fraction(ratio, advantages, mask, eps, eps)
+    out["approx_kl"] = approx_kl(logprobs.detach(), old_logprobs, mask)
+    out["loss"] = loss
+    return out
