@@ -123,7 +123,12 @@ def kl_shaped_rewards(
 
 
 def clip_fraction(
-    ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    num_tokens: float | None = None,
 ) -> torch.Tensor:
     """clipfrac: the fraction of valid tokens whose gradient the clip zeroes (A > 0, ρ > 1+ε or A < 0, ρ < 1−ε).
 
@@ -132,10 +137,12 @@ def clip_fraction(
     """
     # clipped_t = [A_t > 0 ∧ ρ_t > 1+ε] ∨ [A_t < 0 ∧ ρ_t < 1−ε]
     clipped = ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - eps_low))  # (B, T)
-    return masked_mean(clipped.to(ratio.dtype), mask.to(ratio.dtype))  # ()
+    return masked_mean(clipped.to(ratio.dtype), mask.to(ratio.dtype), num_tokens)  # ()
 
 
-def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def approx_kl(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None
+) -> torch.Tensor:
     """approx_kl: k3 estimate of KL(π_θold ‖ π_θ) on tokens sampled from π_θold, E[(ρ − 1) − log ρ] ≥ 0.
 
     Schulman, "Approximating KL Divergence" (2020); the same statistic cleanrl logs. Watch it during the inner
@@ -143,7 +150,7 @@ def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Te
     """
     logratio = logprobs - old_logprobs  # (B, T)
     # k3 = (ρ − 1) − log ρ
-    return masked_mean(torch.expm1(logratio) - logratio, mask.to(logratio.dtype))  # ()
+    return masked_mean(torch.expm1(logratio) - logratio, mask.to(logratio.dtype), num_tokens)  # ()
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -195,7 +202,7 @@ def ppo_loss(
         loss = loss - ent_coef * ent
         out["entropy"] = ent.detach()
     ratio = torch.exp(logprobs - old_logprobs).detach()  # (B, T)
-    out["clipfrac"] = clip_fraction(ratio, advantages, mask, eps, eps)
-    out["approx_kl"] = approx_kl(logprobs.detach(), old_logprobs, mask)
+    out["clipfrac"] = clip_fraction(ratio, advantages, mask, eps, eps, num_tokens)
+    out["approx_kl"] = approx_kl(logprobs.detach(), old_logprobs, mask, num_tokens)
     out["loss"] = loss
     return out

@@ -17,7 +17,8 @@ A Hugging Face model and dataset (GSM8K's `question` / `answer` columns are the 
         --dataset-config main --max-new-tokens 512 --group-size 8 --prompts-per-step 64 --lr 1e-6 --beta 0.04
 Two nodes (run on each node, same rendezvous endpoint):
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py --algo grpo ...
-Resume the newest complete checkpoint in --out with the same arguments plus --resume.
+Resume the newest complete checkpoint in --out with the same arguments plus --resume (a run without --resume
+refuses an --out that already holds checkpoints, rather than overwrite them).
 
 Outputs in --out: metrics.jsonl (one JSON object per line), memory.json, checkpoints/step_XXXXXX (DCP),
 curves.png (when matplotlib is installed).
@@ -35,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -56,7 +58,7 @@ warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # FSDP2
 
 
 class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+    """A problem with the user's input: printed as one line by rank 0, exit code 2 on every rank, no traceback."""
 
 
 # ======================================================================================================================
@@ -83,12 +85,12 @@ class Args:
     reward_model: str = arg("", "optional frozen sequence-classification reward model (hub name or local dir)")
     reward_model_weight: float = arg(1.0, "weight of the reward model's score in the total reward")
     group_size: int = arg(8, "G: completions sampled per prompt")
-    prompts_per_step: int = arg(16, "prompts per step, across all ranks (must divide by the number of ranks)")
+    prompts_per_step: int = arg(64, "prompts per step, across all ranks (must divide by the number of ranks)")
     max_new_tokens: int = arg(6, "T: the most completion tokens per sample")
     temperature: float = arg(1.0, "sampling temperature (log-probs are taken under the same tempered policy)")
     mask_truncated: bool = arg(False, "drop completions that hit --max-new-tokens without EOS from the loss")
-    lr: float = arg(2e-3, "policy learning rate (AdamW)")
-    critic_lr: float = arg(4e-3, "critic learning rate (PPO); document 000 suggests a few times the policy's")
+    lr: float = arg(None, "policy learning rate (AdamW); default 1e-3 for the embedded tiny model, 1e-6 for --model")
+    critic_lr: float = arg(None, "critic learning rate (PPO); default 2x --lr (document 000: the critic wants more)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping (global norm)")
     beta: float = arg(0.0, "KL coefficient to the frozen reference (0 = no reference model is loaded)")
@@ -96,20 +98,20 @@ class Args:
     vf_coef: float = arg(0.5, "c_v: weight of the critic loss (PPO)")
     ent_coef: float = arg(0.0, "c_h: entropy bonus weight")
     value_clip: float = arg(0.0, "PPO value clipping range (0 = off)")
-    epochs: int = arg(2, "inner epochs over one rollout batch")
-    minibatch_size: int = arg(64, "sequences per optimizer step across all ranks")
+    epochs: int = arg(1, "inner epochs over one rollout batch")
+    minibatch_size: int = arg(256, "sequences per optimizer step across all ranks")
     gamma: float = arg(1.0, "GAE discount γ (PPO)")
     lam: float = arg(0.95, "GAE λ (PPO)")
     whiten_advantages: bool = arg(True, "whiten PPO advantages over the batch")
     loss_agg: str = arg("seq-mean-token-mean", "seq-mean-token-mean (GRPO) | token-mean (DAPO) | seq-mean-token-sum-norm (Dr.GRPO)")
     scale_rewards: bool = arg(True, "GRPO: divide by the group std (False = Dr.GRPO)")
-    steps: int = arg(60, "RL steps (one rollout batch each)")
-    eval_every: int = arg(10, "evaluate every this many steps (and at step 0)")
-    save_every: int = arg(20, "checkpoint every this many steps (0 = only at the end)")
+    steps: int = arg(600, "RL steps (one rollout batch each)")
+    eval_every: int = arg(50, "evaluate every this many steps (and at step 0)")
+    save_every: int = arg(100, "checkpoint every this many steps (0 = only at the end)")
     keep_checkpoints: int = arg(2, "complete checkpoints kept")
-    sft_steps: int = arg(60, "embedded task only: supervised warm-start steps (the SFT checkpoint)")
+    sft_steps: int = arg(300, "embedded task only: supervised warm-start steps (the SFT checkpoint)")
     seed: int = arg(0, "random seed")
-    out: str = arg("out", "output directory")
+    out: str = arg("", "output directory (default out/<algo>)")
     resume: bool = arg(False, "resume from the newest complete checkpoint in --out")
     dtype: str = arg("auto", "auto (bf16 mixed precision on GPU, fp32 on CPU) | fp32 | bf16")
     plot: bool = arg(True, "write curves.png when matplotlib is installed")
@@ -132,7 +134,14 @@ def parse_args(argv=None) -> Args:
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
-    return Args(**vars(p.parse_args(argv)))
+
+    def error(message: str):  # one `error: ...` line instead of argparse's usage block
+        raise UserError(f"{message} (see --help)")
+
+    p.error = error
+    a = Args(**vars(p.parse_args(argv)))
+    a.out = a.out or os.path.join("out", a.algo)
+    return a
 
 
 def check_args(a: Args, world_size: int) -> None:
@@ -151,10 +160,21 @@ def check_args(a: Args, world_size: int) -> None:
                         f"{a.group_size} = {batch}) and be divisible by the {world_size} ranks")
     if a.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, not {a.max_new_tokens}")
-    if not a.lr > 0 or (a.algo == "ppo" and not a.critic_lr > 0):
+    if (a.lr is not None and not a.lr > 0) or (a.critic_lr is not None and not a.critic_lr > 0):
         raise UserError(f"learning rates must be positive (--lr {a.lr}, --critic-lr {a.critic_lr})")
-    if a.temperature <= 0 or a.beta < 0 or a.eps <= 0:
+    if not (a.temperature > 0 and a.eps > 0 and a.beta >= 0):
         raise UserError("--temperature and --eps must be positive and --beta non-negative")
+    if a.eval_every < 1 or a.save_every < 0 or a.keep_checkpoints < 1 or a.eval_size < 0:
+        raise UserError("--eval-every and --keep-checkpoints must be positive, --save-every and --eval-size non-negative")
+    try:
+        a.prompt_template.format(prompt="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(f"--prompt-template {a.prompt_template!r} is not a format string with only {{prompt}}: {e!r}") from None
+    for flag, name in (("--model", a.model), ("--reward-model", a.reward_model), ("--dataset", a.dataset)):
+        # a hub id is 'name' or 'org/name'; anything else that does not exist cannot be loaded
+        looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl", ".parquet", ".csv"))
+        if name and looks_local and not os.path.exists(os.path.expanduser(name)):
+            raise UserError(f"{flag} {name!r}: no such file or directory")
     if a.loss_agg not in grpo.LOSS_AGGREGATIONS:
         raise UserError(f"--loss-agg must be one of {', '.join(grpo.LOSS_AGGREGATIONS)}, not {a.loss_agg!r}")
     if a.dtype not in ("auto", "fp32", "bf16"):
@@ -167,30 +187,50 @@ def check_args(a: Args, world_size: int) -> None:
         os.remove(probe)
     except OSError as e:
         raise UserError(f"--out {a.out!r} cannot be written: {e.strerror or e}") from None
-    if a.resume and latest_checkpoint(a.out) is None:
+    check_resume(a)
+
+
+def check_resume(a: Args) -> None:
+    """--resume needs a complete checkpoint written with the same RESUME_KEYS; a fresh run never overwrites one."""
+    path = latest_checkpoint(a.out)
+    if not a.resume:
+        if path is not None:
+            raise UserError(f"--out {a.out!r} already holds checkpoint {path}: add --resume to continue that run, "
+                            "or choose another --out")
+        return
+    if path is None:
         raise UserError(f"--resume: no complete checkpoint in {os.path.join(a.out, 'checkpoints')}")
+    try:
+        saved = json.load(open(os.path.join(path, "meta.json")))["args"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--resume: cannot read {os.path.join(path, 'meta.json')}: {e!r}") from None
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} → {getattr(a, k)!r}" for k in RESUME_KEYS if saved.get(k) != getattr(a, k)]
+    if diff:
+        raise UserError(f"--resume: checkpoint {path} was written with other arguments: {'; '.join(diff)}")
 
 
 def load_reward_functions(spec: str) -> list:
-    """[(name, weight, fn(completion, answer) -> float)] from 'math=1,format=0.2' or 'my_module:my_fn=0.5'."""
-    out = []
-    for part in filter(None, (s.strip() for s in spec.split(","))):
-        name, _, w = part.partition("=")
+    """[(name, weight, fn(completion, answer) -> float)] from 'math=1,format=0.2' or 'my_module:my_fn=0.5'.
+
+    Built-in names and their weights are parsed by rewards.parse_reward_spec; module:function terms are imported here.
+    """
+    terms = [t.strip() for t in spec.split(",") if t.strip()]
+    custom = [t for t in terms if ":" in t.partition("=")[0]]
+    builtin = ",".join(t for t in terms if t not in custom)
+    try:
+        out = [(n, w, rewards_lib.REWARD_FUNCTIONS[n]) for n, w in (rewards_lib.parse_reward_spec(builtin) if builtin else [])]
+    except ValueError as e:
+        raise UserError(f"--reward: {e} (or module:function)") from None
+    for term in custom:
+        name, _, w = (x.strip() for x in term.partition("="))
         try:
             weight = float(w) if w else 1.0
+            module, _, fn = name.partition(":")
+            out.append((name, weight, getattr(importlib.import_module(module), fn)))
         except ValueError:
             raise UserError(f"--reward: weight {w!r} of {name!r} is not a number") from None
-        if ":" in name:
-            mod, _, fn = name.partition(":")
-            try:
-                out.append((name, weight, getattr(importlib.import_module(mod), fn)))
-            except (ImportError, AttributeError) as e:
-                raise UserError(f"--reward: cannot import {name!r}: {e}") from None
-        elif name in rewards_lib.REWARD_FUNCTIONS:
-            out.append((name, weight, rewards_lib.REWARD_FUNCTIONS[name]))
-        else:
-            raise UserError(f"--reward: unknown reward {name!r}; known: {', '.join(rewards_lib.REWARD_FUNCTIONS)} "
-                            "or module:function")
+        except (ImportError, AttributeError) as e:
+            raise UserError(f"--reward: cannot import {name!r}: {e}") from None
     if not out:
         raise UserError("--reward is empty")
     return out
@@ -221,6 +261,17 @@ def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return x
 
 
+def stop_if_any_rank(error: UserError | None, device) -> None:
+    """Collective: when any rank hit an error of its own, every rank raises it (exit 2, none left waiting in a
+    collective), with the message of the lowest such rank, so that rank 0 prints it."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    first = int(all_reduce(torch.tensor([rank if error else world], device=device), op=dist.ReduceOp.MIN).item())
+    if first < world:
+        message = [str(error) if rank == first else None]
+        dist.broadcast_object_list(message, src=first)
+        raise UserError(message[0])
+
+
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped tensors from all ranks along dim 0 (rank order)."""
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
@@ -238,6 +289,7 @@ def seed_for(*keys: int) -> int:
 # The embedded default: a tiny Llama, a character tokenizer and an arithmetic task, all built offline
 # ======================================================================================================================
 TASK_LO, TASK_HI = 0, 30  # operands of "a+b=" are drawn from [TASK_LO, TASK_HI)
+TINY = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4)  # 109k parameters
 
 
 def make_arithmetic_dataset(path: str, seed: int, n_eval: int) -> None:
@@ -276,8 +328,7 @@ def build_embedded_model(path: str, a: Args, data_dir: str) -> None:
 
     torch.manual_seed(a.seed)
     tok = make_char_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+    cfg = LlamaConfig(vocab_size=len(tok), **TINY, max_position_embeddings=64,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
@@ -327,8 +378,11 @@ def load_split(a: Args, name: str, split: str):
 
     ext = os.path.splitext(name)[1].lower().lstrip(".")
     builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
+    local_file = builder and os.path.isfile(name)
+    if local_file and os.path.getsize(name) == 0:
+        raise UserError(f"dataset {name!r} is empty: no rows to train on")
     try:
-        if builder and os.path.isfile(name):  # a single local file is the train split
+        if local_file:  # a single local file is the train split
             if split != a.split:
                 return None
             return datasets.load_dataset(builder, data_files=name, split="train")
@@ -336,6 +390,8 @@ def load_split(a: Args, name: str, split: str):
     except ValueError as e:
         if "split" in str(e).lower() and "unknown" in str(e).lower() and split != a.split:
             return None
+        if "corresponds to no data" in str(e):  # e.g. a CSV file with a header only
+            raise UserError(f"dataset {name!r} (split {split!r}) is empty: no rows") from None
         raise UserError(f"cannot load dataset {name!r} (split {split!r}): {str(e).splitlines()[0]}") from None
     except Exception as e:  # the hub, the file system and the parsers raise many kinds
         raise UserError(f"cannot load dataset {name!r} (split {split!r}): {type(e).__name__}: "
@@ -346,6 +402,8 @@ def load_prompts(a: Args, name: str) -> tuple[list[tuple[str, str]], list[tuple[
     """(prompt, answer) rows for training and evaluation, columns checked by name."""
     train = load_split(a, name, a.split)
     evals = load_split(a, name, a.eval_split) if a.eval_split else None
+    if len(train) == 0:
+        raise UserError(f"dataset {name!r} (split {a.split!r}) is empty: no rows to train on")
     for ds in filter(None, (train, evals)):
         missing = [c for c in (a.prompt_column, a.answer_column) if c not in ds.column_names]
         if missing:
@@ -392,7 +450,8 @@ def load_tokenizer(path: str):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise UserError(f"cannot load a tokenizer from {path!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load a tokenizer from {path!r}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
     if tok.pad_token is None:  # common for base models: pad with EOS (the completion mask never uses pad ids)
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if tok.pad_token is None:
@@ -484,7 +543,8 @@ def generate(policy, tok, prompts: list[str], a: Args, device, greedy: bool = Fa
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=a.temperature, top_k=0, top_p=1.0)
     with unsharded(policy):
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=T, min_new_tokens=0,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True, **sampling)
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
+                              synced_gpus=False, **sampling)  # gathered already: no collective per token
     completion = out[:, P:]  # (B, ≤T) generate stops early when every row has finished
     completion = torch.nn.functional.pad(completion, (0, T - completion.shape[1]), value=tok.pad_token_id)  # (B, T)
     is_eos = completion == tok.eos_token_id  # (B, T)
@@ -499,24 +559,34 @@ def generate(policy, tok, prompts: list[str], a: Args, device, greedy: bool = Fa
 
 def score(rollout: Rollout, answers: list[str], prompts: list[str], reward_fns: list, reward_model, rm_tok,
           a: Args, step: int, device) -> torch.Tensor:
-    """Sequence rewards R_i = Σ_k w_k·reward_k(completion_i, answer_i) (+ w·reward model). Non-finite → UserError."""
+    """Sequence rewards R_i = Σ_k w_k·reward_k(completion_i, answer_i) (+ w·reward model).
+
+    A reward that raises or is not finite, on any rank, stops every rank before anything reaches the optimizer; the
+    first such rank names the reward and the sample (numbered across ranks, as in the global batch)."""
     total = torch.zeros(len(rollout.texts), dtype=torch.float32)
+    first = dist.get_rank() * len(rollout.texts)  # global number of this rank's first sample
+    problem = None
     for name, weight, fn in reward_fns:
         for i, (text, answer) in enumerate(zip(rollout.texts, answers)):
             try:
                 value = float(fn(text, answer))
             except Exception as e:
-                raise UserError(f"reward {name!r} raised {type(e).__name__}: {e} on sample {i} of step {step} "
-                                f"(completion {text[:60]!r})") from None
+                problem = UserError(f"reward {name!r} raised {type(e).__name__}: {' '.join(str(e).split())[:200]} on "
+                                    f"sample {first + i} of step {step} (completion {text[:60]!r})")
+                break
             if not math.isfinite(value):
-                raise UserError(f"reward {name!r} returned {value} on sample {i} of step {step} "
-                                f"(completion {text[:60]!r}); rewards must be finite")
+                problem = UserError(f"reward {name!r} returned {value} on sample {first + i} of step {step} "
+                                    f"(completion {text[:60]!r}); rewards must be finite")
+                break
             total[i] += weight * value
+        if problem is not None:
+            break
+    stop_if_any_rank(problem, device)
     if reward_model is not None:
         rm = rewards_lib.score_with_reward_model(reward_model, rm_tok, prompts, rollout.texts).float().cpu()
-        if not torch.isfinite(rm).all():
-            i = int((~torch.isfinite(rm)).nonzero()[0])
-            raise UserError(f"the reward model returned {rm[i].item()} on sample {i} of step {step}")
+        bad = (~torch.isfinite(rm)).nonzero()
+        stop_if_any_rank(UserError(f"the reward model returned {rm[int(bad[0])].item()} on sample {first + int(bad[0])} "
+                                   f"of step {step}") if len(bad) else None, device)
         total += a.reward_model_weight * rm
     return total.to(device)  # (B,)
 
@@ -556,31 +626,40 @@ def save_checkpoint(a: Args, step: int, trainables: dict, rank: int) -> None:
     for name, (model, opt) in trainables.items():
         state[name], state[name + "_optim"] = get_state_dict(model, opt)
     dcp.save(state, checkpoint_id=partial)
+    if fault_now("kill", step):  # the test-suite's kill during a save: shards written, not yet committed
+        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     if rank == 0:
         atomic_write(os.path.join(partial, "meta.json"), json.dumps({"step": step, "args": dataclasses.asdict(a)}))
         os.replace(partial, final)  # the commit point: a directory rename is atomic
         kept = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".partial"))
-        for old in kept[: -a.keep_checkpoints]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        for old in kept[: -a.keep_checkpoints]:  # renamed to .partial first: a kill mid-delete leaves nothing loadable
+            doomed = os.path.join(root, old + ".partial")
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(os.path.join(root, old), doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     dist.barrier()
 
 
 def load_checkpoint(a: Args, trainables: dict) -> int:
-    """Restore models and optimizers from the newest complete checkpoint; refuse one from another configuration."""
+    """Restore models and optimizers from the newest complete checkpoint (its arguments were checked by check_resume);
+    .partial directories left by a kill during a save are removed."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = latest_checkpoint(a.out)
     meta = json.load(open(os.path.join(path, "meta.json")))
-    diff = [f"--{k.replace('_', '-')} {meta['args'].get(k)!r} → {getattr(a, k)!r}" for k in RESUME_KEYS
-            if meta["args"].get(k) != getattr(a, k)]
-    if diff:
-        raise UserError(f"--resume: checkpoint {path} was written with other arguments: {'; '.join(diff)}")
+    if dist.get_rank() == 0:
+        for d in os.listdir(os.path.dirname(path)):
+            if d.endswith(".partial"):
+                shutil.rmtree(os.path.join(os.path.dirname(path), d), ignore_errors=True)
     state = {}
     for name, (model, opt) in trainables.items():
         state[name], state[name + "_optim"] = get_state_dict(model, opt)
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as e:  # a checkpoint damaged after it was committed, or written by another model
+        raise UserError(f"--resume: cannot load checkpoint {path}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
     for name, (model, opt) in trainables.items():
         set_state_dict(model, opt, model_state_dict=state[name], optim_state_dict=state[name + "_optim"])
     return int(meta["step"])
@@ -592,15 +671,17 @@ class MetricsLog:
     def __init__(self, path: str, rank: int, resume_step: int | None):
         self.path, self.rank = path, rank
         if rank == 0 and resume_step is not None and os.path.exists(path):
-            # a step writes its train row, then its eval row, then its checkpoint: rows ≤ the step are complete
-            atomic_write(path, "".join(line for line in open(path) if line.strip() and json.loads(line)["step"] <= resume_step))
+            # a step writes its train row, then its eval row, then its checkpoint: rows ≤ the step are complete lines;
+            # a line torn by a kill (no trailing newline) came after the checkpoint
+            atomic_write(path, "".join(line for line in open(path) if line.endswith("\n") and line.strip()
+                                       and json.loads(line)["step"] <= resume_step))
         elif rank == 0 and resume_step is None:
             atomic_write(path, "")
 
     def write(self, row: dict) -> None:
         if self.rank == 0:
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}) + "\n")
 
 
 # ======================================================================================================================
@@ -611,9 +692,9 @@ def evaluate(policy, tok, eval_rows, a: Args, rank: int, world: int, device) -> 
     """Greedy accuracy (the 'math' reward equals 1) on the fixed evaluation prompts, split across ranks."""
     mine = eval_rows[rank::world]
     correct = torch.zeros(2, device=device)  # [correct, total]
-    for i in range(0, len(mine), 64):
+    for i in range(0, math.ceil(len(eval_rows) / world), 64):  # the same number of generate calls on every rank
         chunk = mine[i : i + 64]
-        ro = generate(policy, tok, [p for p, _ in chunk], a, device, greedy=True)
+        ro = generate(policy, tok, [p for p, _ in chunk] or [eval_rows[0][0]], a, device, greedy=True)
         correct[0] += sum(rewards_lib.math_reward(t, ans) == 1.0 for t, (_, ans) in zip(ro.texts, chunk))
         correct[1] += len(chunk)
     correct = all_reduce(correct)
@@ -648,7 +729,7 @@ def update(a: Args, ro: Rollout, adv, returns, old_logprobs, ref_logprobs, old_v
         for start in range(0, B, mb):
             idx = order[start : start + mb].to(ro.input_ids.device)
             ids, att, m = ro.input_ids[idx], ro.attention_mask[idx], ro.mask[idx]  # (b, S), (b, S), (b, T)
-            n_tok = all_reduce(m.sum()).item() / world  # global mean token count per rank: FSDP averages gradients
+            n_tok = max(all_reduce(m.sum()).item(), 1.0) / world  # global token count / W: FSDP averages gradients
             logprobs, entropy = sequence_logprobs(policy, ids, att, ro.n_prompt, a.temperature, with_entropy=True)
             if a.algo == "grpo":
                 out = grpo.grpo_loss(logprobs, old_logprobs[idx], adv[idx], m, None if ref_logprobs is None else ref_logprobs[idx],
@@ -656,8 +737,10 @@ def update(a: Args, ro: Rollout, adv, returns, old_logprobs, ref_logprobs, old_v
                                      num_sequences=mb, num_tokens=n_tok)
                 out["entropy"] = ppo.masked_mean(entropy, m, n_tok)
                 loss = out["loss"] - a.ent_coef * out["entropy"]
-                out.update(clipfrac=ppo.clip_fraction(torch.exp(logprobs - old_logprobs[idx]).detach(), adv[idx].unsqueeze(-1), m, a.eps, a.eps),
-                           approx_kl=ppo.approx_kl(logprobs.detach(), old_logprobs[idx], m))
+                out.pop("kl", None)  # the logged kl is the rollout's KL to the reference (step_metrics)
+                ratio = torch.exp(logprobs - old_logprobs[idx]).detach()  # (b, T)
+                out.update(clipfrac=ppo.clip_fraction(ratio, adv[idx].unsqueeze(-1), m, a.eps, a.eps, num_tokens=n_tok),
+                           approx_kl=ppo.approx_kl(logprobs.detach(), old_logprobs[idx], m, num_tokens=n_tok))
             else:
                 values = critic_values(critic, ids, att, ro.n_prompt)  # (b, T)
                 out = ppo.ppo_loss(logprobs, old_logprobs[idx], adv[idx], m, values=values, returns=returns[idx],
@@ -690,7 +773,8 @@ def grad_norm(model, max_norm: float) -> float:
 
 
 def fault_now(kind: str, step: int, rank: int | None = None) -> bool:
-    """Fault injection for the test-suite only: TRAIN_FAULT="nan:STEP" or "raise:RANK:STEP"."""
+    """Fault injection for the test-suite only: TRAIN_FAULT="nan:STEP" (NaN loss), "raise:RANK:STEP" (one rank
+    raises) or "kill:STEP" (SIGKILL inside that step's checkpoint save, before it is committed)."""
     spec = os.environ.get("TRAIN_FAULT", "").split(":")
     if spec[0] != kind:
         return False
@@ -701,9 +785,10 @@ def run(a: Args, rank: int, world: int, device: torch.device) -> None:
     mixed = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda")
     log = print if rank == 0 else (lambda *args, **kw: None)
     # ---- data and models -------------------------------------------------------------------------------------------
+    tok = load_tokenizer(a.model) if a.model else None  # a model that cannot be found fails before any embedded build
     data_dir, model_dir = prepare_embedded(a, rank) if not (a.model and a.dataset) else (None, None)
     model_path, dataset = a.model or model_dir, a.dataset or data_dir
-    tok = load_tokenizer(model_path)
+    tok = tok if tok is not None else load_tokenizer(model_path)
     train_rows, eval_rows = load_prompts(a, dataset)
     reward_fns = load_reward_functions(a.reward)
     policy = load_model("causal", model_path, torch.float32)
@@ -725,10 +810,12 @@ def run(a: Args, rank: int, world: int, device: torch.device) -> None:
     if a.reward_model:
         reward_model = shard(load_model("reward", a.reward_model, torch.float32), mixed).eval().requires_grad_(False)
         rm_tok = load_tokenizer(a.reward_model)
-    opts = [torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay)]
+    lr = a.lr if a.lr is not None else (1e-6 if a.model else 1e-3)  # tuned for the embedded task; a common LLM value
+    critic_lr = a.critic_lr if a.critic_lr is not None else 2 * lr
+    opts = [torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=a.weight_decay)]
     trainables = {"policy": (policy, opts[0])}
     if critic is not None:
-        opts.append(torch.optim.AdamW(critic.parameters(), lr=a.critic_lr, weight_decay=a.weight_decay))
+        opts.append(torch.optim.AdamW(critic.parameters(), lr=critic_lr, weight_decay=a.weight_decay))
         trainables["critic"] = (critic, opts[1])
     start = load_checkpoint(a, trainables) if a.resume else 0
     metrics = MetricsLog(os.path.join(a.out, "metrics.jsonl"), rank, start if a.resume else None)
@@ -849,19 +936,22 @@ def plot_curves(out: str) -> None:
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     rank = int(os.environ.get("RANK", 0))
     try:
+        a = parse_args(argv)
         check_args(a, int(os.environ.get("WORLD_SIZE", 1)))  # before anything heavy
         rank, world, device = setup_distributed()
         run(a, rank, world, device)
         code = 0
     except UserError as e:
-        if rank == 0 or getattr(e, "rank_local", False):
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        if rank == 0:
+            from tqdm import tqdm
+
+            tqdm.write("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # on its own line, below any progress bar
+            sys.stderr.flush()
         code = 2
     if dist.is_initialized():
         dist.destroy_process_group()

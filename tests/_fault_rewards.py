@@ -1,0 +1,26 @@
+"""Reward functions for tests/test_faults.py, loaded by train.py as `--reward _fault_rewards:NAME` (tests/ on PYTHONPATH)."""
+
+import os
+
+_calls = 0
+
+
+def length(completion: str, answer: str) -> float:
+    """A well-behaved reward that varies within a group, so every step moves the weights."""
+    return len(completion) / 4.0
+
+
+def raises(completion: str, answer: str) -> float:
+    raise ValueError("boom")
+
+
+def nan_on_third(completion: str, answer: str) -> float:
+    """Finite for samples 0 and 1 of the first step, NaN on sample 2."""
+    global _calls
+    _calls += 1
+    return float("nan") if _calls == 3 else 0.0
+
+
+def inf_on_rank_1(completion: str, answer: str) -> float:
+    """Finite on rank 0, +inf on every sample of rank 1."""
+    return float("inf") if os.environ.get("RANK") == "1" else 0.0

@@ -1,0 +1,370 @@
+"""Bad input and faults: real runs of train.py, small, one process and 2-process torchrun on CPU.
+
+Bad input → exit code ≠ 0, exactly one `error: ...` line naming the problem, no traceback.
+Faults → atomic checkpoints, exact resume after SIGKILL (bit-for-bit on CPU), a failing rank stops every rank
+promptly, a non-finite loss skips the step and leaves the weights untouched, the same seed gives the same metrics.
+
+The reference run (`base`) builds the embedded SFT model once; every other run copies it and they all start from one
+module fixture (`runs`), two at a time. The checks made before anything heavy call train.main in this process.
+"""
+
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+TINY = ["--prompts-per-step", "4", "--group-size", "4", "--minibatch-size", "8", "--eval-size", "16", "--sft-steps", "5",
+        "--max-new-tokens", "4", "--epochs", "2", "--seed", "0", "--save-every", "1", "--keep-checkpoints", "10", "--plot", "false",
+        "--reward", "_fault_rewards:length"]  # a reward that varies within each group: every step moves the weights
+STEPS = 4
+TIMING = ("time_generate_s", "time_score_s", "time_forward_s", "time_update_s", "step_time_s", "tokens_per_s")
+ENV = {k: v for k, v in os.environ.items() if k not in ("TRAIN_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK")} | {
+    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([TESTS, ROOT]),
+    "TRAIN_COLLECTIVE_TIMEOUT_S": "120"}  # a hang shows as > 60 s, and ends
+
+
+def command(args: list, nproc: int = 1) -> list:
+    if nproc == 1:
+        return [sys.executable, "train.py", *map(str, args)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master-port", str(port),
+            "train.py", *map(str, args)]
+
+
+def train(out, *args, nproc: int = 1, fault: str = "", timeout: int = 240) -> subprocess.CompletedProcess:
+    env = ENV | ({"TRAIN_FAULT": fault} if fault else {})
+    return subprocess.run(command(["--out", out, *args], nproc), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def one_error(p: subprocess.CompletedProcess, *, torchrun: bool = False) -> str:
+    """Non-zero exit, exactly one line starting with `error:`, no traceback from train.py; returns that line."""
+    assert p.returncode != 0, p.stdout[-2000:] + p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, p.stderr[-3000:]
+    if torchrun:  # torchrun reports a failed worker with a traceback of its own; none may come from train.py
+        assert 'train.py", line' not in p.stderr, p.stderr[-3000:]
+    else:
+        assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    return errors[0]
+
+
+def main_error(capsys, *args) -> str:
+    """train.main in this process, for the checks made before setup_distributed (no process group, nothing loaded)."""
+    import train as train_module
+
+    code = train_module.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def rows(out) -> list[dict]:
+    """metrics.jsonl without the timing keys, which differ from run to run."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f if line.strip()]
+
+
+def train_steps(out) -> list[int]:
+    return [r["step"] for r in rows(out) if "reward_mean" in r]
+
+
+def checkpoints(out) -> list[str]:
+    root = os.path.join(out, "checkpoints")
+    return sorted(os.listdir(root)) if os.path.isdir(root) else []
+
+
+def policy_weights(out, step: int) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = os.path.join(out, f"step_{step}.pt")
+    dcp_to_torch_save(os.path.join(out, "checkpoints", f"step_{step:06d}"), flat)
+    return torch.load(flat, weights_only=False)["policy"]
+
+
+def seconds_since_last_row(out) -> float:
+    """Wall time from the last metrics row written to now: how long the ranks took to stop after a fault, without
+    the start-up (which is slow on a loaded machine)."""
+    return time.time() - os.path.getmtime(os.path.join(out, "metrics.jsonl"))
+
+
+def kill_after_checkpoint(out, args: list, step: int, nproc: int = 1) -> int:
+    """Start train.py, SIGKILL its whole process group once checkpoint `step` is complete; returns the exit status."""
+    p = subprocess.Popen(command(["--out", out, *args], nproc), cwd=ROOT, env=ENV, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = os.path.join(out, "checkpoints", f"step_{step:06d}")
+    deadline = time.monotonic() + 240
+    try:
+        while not os.path.isdir(done) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    return p.returncode
+
+
+# ======================================================================================================================
+# Fixtures: one embedded SFT model for every run; the runs without timing assertions, two at a time
+# ======================================================================================================================
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The uninterrupted single-process reference run; it builds the embedded SFT model and dataset, which every
+    other run copies into its --out instead of building them again."""
+    out = tmp_path_factory.mktemp("full")
+    ok(train(out, *TINY, "--steps", STEPS))
+    return out
+
+
+def copy_base(base, out):
+    for d in ("sft_model", "embedded_data"):
+        shutil.copytree(base / d, out / d)
+    return out
+
+
+def sigkill_then_resume(out, nproc: int = 1) -> dict:
+    """SIGKILL a run (its whole process group) from outside once checkpoint 2 is complete, then --resume it."""
+    status = kill_after_checkpoint(out, [*TINY, "--steps", STEPS], 2, nproc)
+    resumed_from = ([d for d in checkpoints(out) if not d.endswith(".partial")] or [None])[-1]
+    return {"status": status, "resumed_from": resumed_from,
+            "resume": train(out, *TINY, "--steps", STEPS, "--resume", nproc=nproc)}
+
+
+def kill_in_save_then_resume(out) -> dict:
+    """TRAIN_FAULT=kill:3 SIGKILLs the run after step 3's shards are written, before the commit; add a torn later
+    save full of garbage and a torn metrics row, then --resume."""
+    killed = train(out, *TINY, "--steps", STEPS, fault="kill:3")
+    partial = out / "checkpoints" / "step_000003.partial"
+    seen = {"killed": killed, "checkpoints": checkpoints(out), "partial": sorted(os.listdir(partial)) if partial.is_dir() else [],
+            "rows": rows(out)}
+    os.makedirs(out / "checkpoints" / "step_000009.partial")
+    (out / "checkpoints" / "step_000009.partial" / "__0_0.distcp").write_text("garbage")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "rew')
+    return seen | {"resume": train(out, *TINY, "--steps", STEPS, "--resume")}
+
+
+def reward_inf_on_rank_1(out) -> dict:
+    p = train(out, *TINY, "--steps", 2, "--reward", "_fault_rewards:inf_on_rank_1", nproc=2)
+    return {"p": p, "stopped_after_s": seconds_since_last_row(out)}  # the last row: step 0's evaluation
+
+
+def rank_1_raises(out) -> dict:
+    """TRAIN_FAULT=raise:1:2 under 2-rank torchrun, in its own process group, to see whether any rank outlives it."""
+    p = subprocess.Popen(command(["--out", out, *TINY, "--steps", STEPS], 2), cwd=ROOT, env=ENV | {"TRAIN_FAULT": "raise:1:2"},
+                         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = p.communicate(timeout=240)
+        seen = {"returncode": p.returncode, "stderr": stderr, "stopped_after_s": seconds_since_last_row(out)}
+        try:
+            os.killpg(p.pid, 0)
+            seen["survivors"] = True
+        except ProcessLookupError:
+            seen["survivors"] = False
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return seen
+
+
+@pytest.fixture(scope="module")
+def runs(base, tmp_path_factory) -> dict:
+    """name → (out, result) for every run of train.py the tests look at, two at a time. The hang guards time only
+    what follows a fault (seconds_since_last_row), which running beside another job barely changes."""
+    root = tmp_path_factory.mktemp("runs")
+    data = root / "data"
+    data.mkdir()
+    (data / "empty.jsonl").write_text("")
+    (data / "columns.jsonl").write_text("".join(json.dumps({"q": f"{i}+1=", "a": str(i + 1)}) + "\n" for i in range(10)))
+    (data / "long.jsonl").write_text("".join(json.dumps({"question": "1+" * 40 + "1=", "answer": "41"}) + "\n" for _ in range(10)))
+    no_pad = shutil.copytree(base / "sft_model", root / "no_pad_model")  # a tokenizer (and config) without a pad token
+    for name, key in (("tokenizer_config.json", "pad_token"), ("config.json", "pad_token_id"), ("generation_config.json", "pad_token_id")):
+        cfg = json.loads((no_pad / name).read_text())
+        cfg.pop(key)
+        (no_pad / name).write_text(json.dumps(cfg))
+    jobs = {  # name: arguments after TINY and keywords of train(), or a function of --out; the longest first
+        "full_2ranks": (["--steps", STEPS], {"nproc": 2}),
+        "sigkill_then_resume_2ranks": lambda out: sigkill_then_resume(out, nproc=2),
+        "sigkill_then_resume": sigkill_then_resume,
+        "kill_in_save_then_resume": kill_in_save_then_resume,
+        "rank_1_raises": rank_1_raises,
+        "reward_inf_on_rank_1": reward_inf_on_rank_1,
+        "nan": (["--steps", 3], {"fault": "nan:2"}),
+        "no_pad": (["--steps", 1, "--model", no_pad, "--dataset", base / "embedded_data"], {}),
+        "reward_raises": (["--steps", 2, "--reward", "_fault_rewards:raises"], {}),
+        "reward_nan": (["--steps", 2, "--reward", "_fault_rewards:nan_on_third"], {}),
+        "model_hub": (["--model", "no-such-org/no-such-model-xyz"], {}),
+        "dataset_hub": (["--dataset", "no-such-org/no-such-dataset-xyz"], {}),
+        "dataset_empty": (["--dataset", data / "empty.jsonl"], {}),
+        "dataset_columns": (["--dataset", data / "columns.jsonl"], {}),
+        "dataset_long_prompt": (["--dataset", data / "long.jsonl"], {}),
+    }
+
+    def go(name):
+        out = copy_base(base, root / name)
+        job = jobs[name]
+        return name, (out, job(out) if callable(job) else train(out, *TINY, *job[0], **job[1]))
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(go, jobs))
+
+
+# ======================================================================================================================
+# Bad input: one line, non-zero exit, no traceback
+# ======================================================================================================================
+def test_bad_argument_exits_2_with_one_line(tmp_path):
+    p = train(tmp_path / "out", *TINY, "--algo", "sac")
+    assert p.returncode == 2
+    assert one_error(p) == "error: --algo must be 'grpo' or 'ppo', not 'sac'"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--algo", "sac"], "--algo must be 'grpo' or 'ppo', not 'sac'"),
+    (["--group-size", "1"], "--group-size must be at least 2 for GRPO"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, not 0"),
+    (["--lr", "0"], "learning rates must be positive (--lr 0.0"),
+    (["--lr=-1e-3"], "learning rates must be positive (--lr -0.001"),
+    (["--algo", "ppo", "--critic-lr", "0"], "--critic-lr 0.0)"),
+    (["--resume"], "--resume: no complete checkpoint in"),
+    (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    (["--model", "/nonexistent/model_dir"], "--model '/nonexistent/model_dir': no such file or directory"),
+    (["--dataset", "/nonexistent/data.jsonl"], "--dataset '/nonexistent/data.jsonl': no such file or directory"),
+    (["--reward", "no_such_reward"], "--reward: unknown reward 'no_such_reward'"),
+    (["--prompt-template", "Q: {question}"], "--prompt-template 'Q: {question}' is not a format string"),
+])
+def test_bad_arguments_are_refused_before_anything_heavy(args, says, tmp_path, capsys):
+    assert says in main_error(capsys, "--out", tmp_path / "out", *TINY, *args)
+    assert not os.path.exists(tmp_path / "out" / "sft_model"), "nothing may be built before the arguments are checked"
+
+
+def test_prompts_per_step_not_divisible_across_ranks(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node 2 sets; checked before the process group
+    line = main_error(capsys, "--out", tmp_path / "out", *TINY, "--prompts-per-step", "3", "--minibatch-size", "4")
+    assert "--prompts-per-step 3 is not divisible by the 2 ranks" in line
+
+
+def test_output_directory_that_cannot_be_written(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    line = main_error(capsys, "--out", tmp_path / "a_file" / "out", *TINY)
+    assert "--out" in line and "a_file" in line and "cannot be written" in line
+
+
+@pytest.mark.parametrize("run, says", [
+    ("model_hub", "cannot load a tokenizer from 'no-such-org/no-such-model-xyz'"),
+    ("dataset_hub", "cannot load dataset 'no-such-org/no-such-dataset-xyz'"),
+    ("dataset_empty", "empty.jsonl' is empty: no rows to train on"),
+    ("dataset_columns", "columns.jsonl' has no column 'question'; its columns are ['q', 'a']"),
+    ("dataset_long_prompt", "tokens; with --max-new-tokens 4 it exceeds the model's context of 64 tokens"),
+])
+def test_model_or_dataset_that_cannot_be_used(run, says, runs):
+    out, p = runs[run]
+    assert says in one_error(p)
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl")), "stopped before the first evaluation"
+
+
+@pytest.mark.parametrize("run, says", [
+    ("reward_raises", "reward '_fault_rewards:raises' raised ValueError: boom on sample 0 of step 1"),
+    ("reward_nan", "reward '_fault_rewards:nan_on_third' returned nan on sample 2 of step 1"),
+])
+def test_reward_that_raises_or_is_not_finite(run, says, runs):
+    out, p = runs[run]
+    assert says in one_error(p)
+    assert [r["step"] for r in rows(out)] == [0] and checkpoints(out) == [], "nothing may reach the optimizer"
+
+
+def test_reward_not_finite_on_one_rank_stops_both_and_rank_0_names_it(runs):
+    out, seen = runs["reward_inf_on_rank_1"]
+    line = one_error(seen["p"], torchrun=True)
+    assert seen["stopped_after_s"] < 60, f"took {seen['stopped_after_s']:.0f} s: a hang guard, not a performance bound"
+    # rank 1 holds samples 8..15 of the global batch (2 prompts × G=4 per rank)
+    assert "reward '_fault_rewards:inf_on_rank_1' returned inf on sample 8 of step 1" in line
+    assert [r["step"] for r in rows(out)] == [0] and checkpoints(out) == [], "nothing may reach the optimizer"
+
+
+def test_resume_with_another_configuration_is_refused(base, tmp_path, capsys):
+    full = base
+    out = shutil.copytree(full, tmp_path / "out")
+    line = main_error(capsys, "--out", out, *TINY, "--steps", STEPS, "--resume", "--group-size", 8, "--seed", 1)
+    assert "--resume: checkpoint" in line and "--group-size 4 → 8" in line and "--seed 0 → 1" in line
+    line = main_error(capsys, "--out", out, *TINY, "--steps", STEPS)  # a fresh run would overwrite the checkpoints
+    assert "already holds checkpoint" in line and "--resume" in line
+    assert rows(out) == rows(full) and checkpoints(out) == checkpoints(full), "nothing lost"
+
+
+def test_tokenizer_without_pad_token_is_padded_with_eos(runs):
+    out, p = runs["no_pad"]
+    assert "pad_token" not in (out.parent / "no_pad_model" / "tokenizer_config.json").read_text()
+    ok(p)
+    assert train_steps(out) == [1]
+
+
+# ======================================================================================================================
+# Faults
+# ======================================================================================================================
+def test_same_seed_same_metrics(base, runs):
+    again = runs["kill_in_save_then_resume"][1]["rows"]  # another process, same seed: its rows up to the kill at step 3
+    assert [r["step"] for r in again] == [0, 1, 2, 3]
+    assert again == rows(base)[: len(again)]
+    assert len({r["reward_mean"] for r in rows(base) if "reward_mean" in r}) > 1, "a run that never changes proves nothing"
+    assert any(r["grad_norm"] > 0 for r in rows(base) if "grad_norm" in r)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_exact_resume_after_sigkill(nproc, base, runs):
+    out, seen = runs["sigkill_then_resume" if nproc == 1 else "sigkill_then_resume_2ranks"]
+    reference, p = (base, None) if nproc == 1 else runs["full_2ranks"]  # 2 ranks draw other samples than 1
+    if p is not None:
+        ok(p)
+    assert seen["status"] == -signal.SIGKILL
+    assert seen["resumed_from"] is not None and seen["resumed_from"] < f"step_{STEPS:06d}", "killed too late to test a resume"
+    ok(seen["resume"])
+    assert rows(out) == rows(reference), f"resumed from {seen['resumed_from']}"
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint(base, runs):
+    out, seen = runs["kill_in_save_then_resume"]
+    assert seen["killed"].returncode == -signal.SIGKILL
+    assert seen["checkpoints"] == ["step_000001", "step_000002", "step_000003.partial"]
+    assert seen["partial"], "the kill came after the shards were written"
+    ok(seen["resume"])  # from step 2, past the torn step 3 and the garbage of step 9
+    assert rows(out) == rows(base)
+    assert not [d for d in checkpoints(out) if d.endswith(".partial")]
+
+
+def test_failing_rank_stops_every_rank_promptly(runs):
+    out, seen = runs["rank_1_raises"]
+    assert seen["returncode"] != 0
+    assert not seen["survivors"], "no rank may outlive torchrun (which exits ≠ 0 only once every rank has exited)"
+    assert "injected fault on rank 1 at step 2" in seen["stderr"]
+    assert seen["stopped_after_s"] < 60, f"took {seen['stopped_after_s']:.0f} s: a hang guard, not a performance bound"
+    assert train_steps(out) == [1]  # step 1's row was the last thing written, just before step 2 and its fault
+
+
+def test_non_finite_loss_skips_the_step_and_keeps_the_weights(runs):
+    out, p = runs["nan"]
+    ok(p)
+    skipped = {r["step"]: r["skipped_updates"] for r in rows(out) if "reward_mean" in r}
+    assert skipped == {1: 0, 2: 4, 3: 0}  # 2 epochs × 16/8 minibatches at step 2
+    w1, w2, w3 = (policy_weights(out, s) for s in (1, 2, 3))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1), "a skipped step changed the weights"
+    assert not all(torch.equal(w2[k], w3[k]) for k in w2), "training went on after the skipped step"

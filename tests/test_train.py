@@ -1,0 +1,396 @@
+"""train.py: real runs (2-process torchrun on CPU, local model + dataset files), FSDP2 1-rank ≡ 2-rank updates checked
+against a hand-written plain-PyTorch update, log-probs against a per-position loop, the EOS mask, gathers per rollout.
+
+Expected values come from independent computations written here (loops over single sequences, the GRPO formulas
+typed out again, hand-made token rows), never from train.py's own output. The multi-process pieces run
+tests/_dist_worker.py under torchrun (gloo). Shapes: B sequences, P prompt tokens, T completion tokens.
+"""
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = str(REPO / "tests" / "_dist_worker.py")
+TINY = ["--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--minibatch-size", "8", "--eval-size", "16",
+        "--eval-every", "1", "--max-new-tokens", "4", "--plot", "false"]
+TRAIN_KEYS = {"step", "reward_mean", "reward_std", "frac_reward_zero_std", "kl", "clipfrac", "approx_kl", "entropy",
+              "completion_len_mean", "step_time_s", "tokens_per_s"}
+# the fixed batch: rows 0-3 (rank 0 of 2) hold 16 completion tokens, rows 4-7 (rank 1) 17, so a rank-local
+# normaliser would give a different update on 2 ranks than on 1
+PROMPT_LENS, COMPLETION_LENS, P, T = [5, 3, 4, 2, 5, 1, 3, 4], [6, 1, 3, 6, 2, 5, 4, 6], 5, 6
+SCORES, G, BETA, ENT_COEF, TEMPERATURE = [1.0, 0.0, 0.2, 0.9, 1.0, 1.0, 0.5, 0.0], 2, 0.04, 0.01, 0.7
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], tmp: Path, timeout: int = 240, nproc: int = 0) -> subprocess.CompletedProcess:
+    """`python CMD` or `torchrun --nproc_per_node NPROC CMD` from the repo root, offline, with a short collective timeout."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               HF_DATASETS_CACHE=str(tmp / "hf_cache"), TRAIN_COLLECTIVE_TIMEOUT_S="60")
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master-port", str(free_port())] if nproc else []
+    p = subprocess.run([sys.executable, *launcher, *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    return p
+
+
+def read_metrics(out: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if line.strip()]
+    return [r for r in rows if "reward_mean" in r], [r for r in rows if "eval_accuracy" in r]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    """A random tiny Llama (GQA, untied head, large init so log-probs are far from uniform) + the char tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tok = train.make_char_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def plain_model(path: str):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def fixed_rollout(tok) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompts of PROMPT_LENS, completions of COMPLETION_LENS ending in EOS (none when the length is T),
+    pad after it, attention 1 over the whole completion: the layout train.generate returns."""
+    g = torch.Generator().manual_seed(0)
+    B = len(PROMPT_LENS)
+    ids, att, mask = torch.full((B, P + T), tok.pad_token_id), torch.zeros(B, P + T, dtype=torch.long), torch.zeros(B, T)
+    for i, (p, c) in enumerate(zip(PROMPT_LENS, COMPLETION_LENS)):
+        ids[i, P - p : P + c] = torch.randint(4, len(tok), (p + c,), generator=g)  # ordinary characters
+        if c < T:
+            ids[i, P + c - 1] = tok.eos_token_id
+        att[i, P - p :] = 1
+        mask[i, :c] = 1
+    return ids, att, mask
+
+
+def per_position_logprobs(model, ids, att, mask, temperature: float):
+    """Each sequence alone, its padding cut off, positions 0..n−1: log softmax(z_{pos−1}/τ)[token_pos] and the entropy
+    of softmax(z_{pos−1}/τ), for every completion position pos (the one-token shift). Lists of (c,) tensors."""
+    lps, ents, unshifted = [], [], []
+    for i in range(ids.shape[0]):
+        start, c = int((att[i, :P] == 0).sum()), int(mask[i].sum())
+        seq = ids[i, start : P + c]  # the real prompt tokens + c completion tokens
+        logits = model(input_ids=seq[None]).logits[0].float() / temperature  # (n, V)
+        pos = torch.arange(P - start, P - start + c)  # completion positions in seq
+        logp = torch.log_softmax(logits, -1)  # (n, V)
+        lps.append(logp[pos - 1, seq[pos]])
+        ents.append(-(logp[pos - 1].exp() * logp[pos - 1]).sum(-1))
+        unshifted.append(logp[pos, seq[pos]])  # what an off-by-one would compare against
+    return lps, ents, unshifted
+
+
+# ------------------------------------------------------------------ tier 2: invariants against independent loops
+
+def tiny_gpt2(tok):
+    """Learned absolute positions: left padding shifts them unless position_ids count real tokens only."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("arch,temperature", [("llama", 1.0), ("llama", 0.7), ("gpt2", 0.7)])
+def test_sequence_logprobs_match_a_per_position_loop(tiny_dir, arch, temperature):
+    tok = train.load_tokenizer(tiny_dir)
+    model = plain_model(tiny_dir) if arch == "llama" else tiny_gpt2(tok)
+    ids, att, mask = fixed_rollout(tok)
+    with torch.no_grad():
+        logprobs, entropy = train.sequence_logprobs(model, ids, att, P, temperature, with_entropy=True)  # (B, T)
+        lps, ents, unshifted = per_position_logprobs(model, ids, att, mask, temperature)
+    assert logprobs.shape == entropy.shape == (len(PROMPT_LENS), T)
+    for i, (lp, ent) in enumerate(zip(lps, ents)):
+        c = len(lp)
+        torch.testing.assert_close(logprobs[i, :c], lp, atol=2e-5, rtol=0)
+        torch.testing.assert_close(entropy[i, :c], ent, atol=2e-5, rtol=0)
+        assert (lp < 0).all() and (ent > 0).all()
+    # the comparison has teeth: the log-probs are far from uniform, so a one-token shift would be caught
+    assert max((a - b).abs().max().item() for a, b in zip(lps, unshifted)) > 0.5
+    assert torch.cat(lps).std() > 0.3
+
+
+class FakePolicy(torch.nn.Module):
+    """Stands in for a sharded policy: unshard/reshard are no-ops, generate returns hand-made completions."""
+
+    def __init__(self, completions: list[list[int]]):
+        super().__init__()
+        self.completions, self.calls = torch.tensor(completions), []
+
+    def unshard(self):
+        pass
+
+    def reshard(self):
+        pass
+
+    def generate(self, input_ids, attention_mask, **kw):
+        self.calls.append(kw)
+        return torch.cat([input_ids, self.completions], 1)
+
+
+def test_generate_mask_runs_through_the_first_eos(tiny_dir):
+    tok = train.load_tokenizer(tiny_dir)
+    E, pad = tok.eos_token_id, tok.pad_token_id
+    d = tok.convert_tokens_to_ids(list("123"))
+    a = train.Args(max_new_tokens=5, temperature=0.9)
+    rows = [[d[0], d[1], E, d[2], d[2]],  # EOS in the middle, tokens after it
+            [E, d[0], E, d[1], d[1]],  # two EOS: the first one ends it
+            [d[0], d[1], d[2], d[0], d[1]],  # no EOS: truncated
+            [d[2], d[2], d[2], d[2], E]]  # EOS on the last allowed token: not truncated
+    policy = FakePolicy(rows)
+    ro = train.generate(policy, tok, ["1+2=", "13+4=", "7+7=", "0+0="], a, "cpu")
+    assert ro.mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert ro.truncated.tolist() == [False, False, True, False]
+    assert ro.texts == ["12", "", "12312", "3333"]
+    assert ro.input_ids[:, ro.n_prompt :].tolist() == [[d[0], d[1], E, pad, pad], [E, pad, pad, pad, pad], rows[2], rows[3]]
+    assert ro.n_prompt == 5 and ro.attention_mask[:, ro.n_prompt :].eq(1).all()
+    assert ro.attention_mask[1, : ro.n_prompt].tolist() == [1, 1, 1, 1, 1] and ro.attention_mask[0, 0] == 0  # left pad
+    assert policy.calls[0]["max_new_tokens"] == 5 and policy.calls[0]["eos_token_id"] == E
+    assert policy.calls[0]["do_sample"] and policy.calls[0]["temperature"] == 0.9
+    # transformers stops early once every row has finished: the completion comes back shorter than T; greedy, repeat
+    policy = FakePolicy([[d[0], E, pad], [d[0], E, pad], [E, pad, pad], [E, pad, pad]])
+    ro = train.generate(policy, tok, ["1+2=", "3+4="], a, "cpu", greedy=True, repeat=2)
+    assert ro.mask.tolist() == [[1, 1, 0, 0, 0]] * 2 + [[1, 0, 0, 0, 0]] * 2
+    assert ro.input_ids.shape == (4, ro.n_prompt + 5) and ro.truncated.tolist() == [False] * 4
+    assert ro.input_ids[0, : ro.n_prompt].tolist() == ro.input_ids[1, : ro.n_prompt].tolist()  # repeat_interleave
+    assert policy.calls[0]["do_sample"] is False
+
+
+def rollout_invariants(ro: dict, tok) -> None:
+    """A generate() rollout checked row by row: the mask is a prefix of ones ending at the first EOS, or all ones
+    and truncated when no EOS; completion tokens after the mask are pad; the text is the decoded part before EOS."""
+    comp = ro["input_ids"][:, ro["n_prompt"] :]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    for row, m, trunc, text in zip(comp.tolist(), ro["mask"].tolist(), ro["truncated"].tolist(), ro["texts"]):
+        n = int(sum(m))
+        assert m == [1.0] * n + [0.0] * (len(m) - n) and n >= 1
+        assert eos not in row[: n - 1]
+        assert trunc == (row[n - 1] != eos) and (not trunc or n == len(m))
+        assert row[n:] == [pad] * (len(m) - n)
+        assert text == tok.decode(row[: n if trunc else n - 1], skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------ tier 3: real runs, torchrun with 2 processes on CPU
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """A fixed batch through tests/_dist_worker.py: `update` on 1 rank; `update` and `generate` on 2 ranks (one launch)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    model, tok = plain_model(tiny_dir), train.load_tokenizer(tiny_dir)
+    ids, att, mask = fixed_rollout(tok)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        lp = train.sequence_logprobs(model, ids, att, P, TEMPERATURE)[0]  # (B, T) only the centre of the noise below
+    batch = dict(input_ids=ids, attention_mask=att, mask=mask, n_prompt=P, group_size=G, temperature=TEMPERATURE,
+                 beta=BETA, ent_coef=ENT_COEF, scores=torch.tensor(SCORES),
+                 old_logprobs=lp + 0.3 * torch.randn(lp.shape, generator=g),  # ratios inside and outside 1 ± ε
+                 ref_logprobs=lp + 0.3 * torch.randn(lp.shape, generator=g),
+                 old_values=0.1 * torch.randn(lp.shape, generator=g),
+                 critic_head=0.3 * torch.randn(1, 32, generator=g))
+    torch.save(batch, tmp / "batch.pt")
+    run([WORKER, "update", tiny_dir, str(tmp)], tmp, nproc=1)
+    run([WORKER, "update,generate", tiny_dir, str(tmp)], tmp, nproc=2)
+    return tmp, batch
+
+
+def test_generate_gathers_parameters_once_per_rollout(tiny_dir, fsdp_runs):
+    out = torch.load(fsdp_runs[0] / "generate.pt", weights_only=False)
+    n_modules = 2 + 1  # fully_shard on each of the 2 decoder layers and on the root
+    assert out["n_fsdp_modules"] == n_modules
+    for counts in out["counts_per_rank"]:
+        for T_ in (2, 8):
+            c = dict(counts[f"train.generate T={T_}"])
+            # transformers turns on synced_gpus for FSDP modules: one 1-element "still running?" all_reduce per step
+            assert c.pop("all_reduce", 0) <= T_ + 1
+            # FSDP2 (torch 2.13) all-gathers through dist.all_gather_single: one per FSDP module, independent of T
+            assert c == {"all_gather_single": n_modules}
+        # the control: without train.unsharded each of the 2 blocks is gathered again for each of the 8 forwards
+        assert counts["plain policy.generate T=8"]["all_gather_single"] >= 8 * 2
+    tok = train.load_tokenizer(tiny_dir)
+    for T_ in (2, 8):
+        rollout_invariants(out["rollouts"][T_], tok)
+    truncated = out["rollouts"][8]["truncated"]
+    assert truncated.any() and not truncated.all()  # both branches of the mask were exercised
+
+
+def grpo_reference_update(tiny_dir: str, batch: dict, loss_agg: str, max_grad_norm: float, lr: float):
+    """GRPO typed out again for one unsharded model, one sequence at a time: loss and parameters after one SGD step."""
+    model = plain_model(tiny_dir)
+    adv = []
+    for g in range(0, len(SCORES), G):
+        r = SCORES[g : g + G]
+        # A_i = (R_i − mean R) / (std R + 1e-6), std with Bessel's correction
+        adv += [(x - statistics.mean(r)) / (statistics.stdev(r) + 1e-6) for x in r]
+    lps, ents, _ = per_position_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["mask"], TEMPERATURE)
+    per_seq = []
+    for i, (lp, A) in enumerate(zip(lps, adv)):
+        old, ref = batch["old_logprobs"][i, : len(lp)], batch["ref_logprobs"][i, : len(lp)]
+        ratio = torch.exp(lp - old)
+        pg = torch.maximum(-ratio * A, -ratio.clamp(0.8, 1.2) * A)
+        k3 = torch.exp(ref - lp) - (ref - lp) - 1
+        per_seq.append(pg + BETA * k3)
+    n_tokens = sum(COMPLETION_LENS)
+    if loss_agg == "seq-mean-token-mean":
+        loss = sum(s.mean() for s in per_seq) / len(per_seq)
+    elif loss_agg == "token-mean":
+        loss = sum(s.sum() for s in per_seq) / n_tokens
+    else:  # seq-mean-token-sum-norm: a constant normaliser B·T_max
+        loss = sum(s.sum() for s in per_seq) / (len(per_seq) * T)
+    loss = loss - ENT_COEF * sum(e.sum() for e in ents) / n_tokens  # the entropy bonus is a token mean
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad * min(1.0, max_grad_norm / (norm.item() + 1e-6))
+    return loss.item(), dict(model.named_parameters())
+
+
+def test_fsdp_one_rank_equals_two_ranks_and_a_plain_update(tiny_dir, fsdp_runs):
+    from _dist_worker import CASES, LR
+
+    tmp, batch = fsdp_runs
+    assert batch["mask"][:4].sum() != batch["mask"][4:].sum()  # the halves differ in token count (see COMPLETION_LENS)
+    results = {w: torch.load(tmp / f"update_w{w}.pt", weights_only=False) for w in (1, 2)}
+    assert set(results[1]) == set(results[2]) == {c[0] for c in CASES}
+    start = {n: p.detach() for n, p in plain_model(tiny_dir).named_parameters()}
+    start_critic = {n: p for n, p in start.items() if n.startswith("model.")} | {"score.weight": batch["critic_head"]}
+    for case, algo, loss_agg, max_norm in CASES:
+        one, two = results[1][case], results[2][case]
+        # the logged row: global statistics, the same on 1 and 2 ranks
+        assert set(one["row"]) == set(two["row"])
+        for k in set(one["row"]):
+            assert math.isclose(one["row"][k], two["row"][k], rel_tol=0, abs_tol=1e-6), (case, k, one["row"][k], two["row"][k])
+        assert math.isclose(one["row"]["reward_mean"], statistics.mean(SCORES), rel_tol=1e-6)
+        assert math.isclose(one["row"]["reward_std"], statistics.stdev(SCORES), rel_tol=1e-6)
+        assert one["row"]["frac_reward_zero_std"] == 0.25  # one of the four groups, (1.0, 1.0), has equal rewards
+        assert one["row"]["completion_len_mean"] == statistics.mean(COMPLETION_LENS)
+        torch.testing.assert_close(one["advantages"], two["advantages"], atol=1e-6, rtol=0)
+        for part, before in (("policy", start), ("critic", start_critic))[: 2 if algo == "ppo" else 1]:
+            assert set(before) <= set(one[part])
+            # the update moved the weights by far more than the tolerance below
+            assert max((one[part][n] - before[n]).abs().max().item() for n in before) > 1e-4, (case, part)
+            for n in one[part]:
+                torch.testing.assert_close(one[part][n], two[part][n], atol=1e-6, rtol=0, msg=f"{case} {part} {n}")
+        if algo == "ppo":
+            torch.testing.assert_close(one["returns"], two["returns"], atol=1e-6, rtol=0)
+            continue
+        # GRPO: world 1 (and so world 2) equals the update written out by hand on the unsharded model
+        ref_loss, ref_params = grpo_reference_update(tiny_dir, batch, loss_agg, max_norm, LR)
+        assert math.isclose(one["row"]["loss"], ref_loss, rel_tol=0, abs_tol=1e-5), (case, one["row"]["loss"], ref_loss)
+        for n, p in ref_params.items():
+            torch.testing.assert_close(one["policy"][n], p.detach(), atol=1e-5, rtol=0, msg=f"{case} vs reference {n}")
+        if max_norm < 1:  # clipped SGD moves the parameters by exactly lr × max_grad_norm
+            step = torch.sqrt(sum(((one["policy"][n] - start[n]) ** 2).sum() for n in start))
+            assert math.isclose(step.item(), LR * max_norm, rel_tol=1e-3)
+    # the three aggregations are different losses (the cases are not one case three times)
+    losses = [results[1][c]["row"]["loss"] for c in ("grpo-seq-mean-token-mean", "grpo-token-mean", "grpo-seq-mean-token-sum-norm")]
+    assert min(abs(x - y) for i, x in enumerate(losses) for y in losses[i + 1 :]) > 1e-4
+
+
+def test_logged_clipfrac_and_approx_kl_do_not_depend_on_world_size(fsdp_runs):
+    one, two = (torch.load(fsdp_runs[0] / f"update_w{w}.pt", weights_only=False)["grpo-token-mean"]["row"] for w in (1, 2))
+    for k in ("clipfrac", "approx_kl"):
+        assert math.isclose(one[k], two[k], rel_tol=0, abs_tol=1e-6), (k, one[k], two[k])
+
+
+@pytest.mark.parametrize("case", ["ppo", "grpo-token-mean"])
+def test_logged_kl_is_the_rollout_kl_to_the_reference(fsdp_runs, case):
+    tmp, batch = fsdp_runs
+    row = torch.load(tmp / "update_w2.pt", weights_only=False)[case]["row"]
+    # KL(π_θold ‖ π_ref) by k3 on the sampled tokens: mean over completion tokens of (r − 1 − log r), r = π_ref/π_θold
+    logr = (batch["ref_logprobs"] - batch["old_logprobs"]).double()
+    k3 = (logr.exp() - 1 - logr) * batch["mask"]
+    assert math.isclose(row["kl"], (k3.sum() / batch["mask"].sum()).item(), rel_tol=1e-5)
+
+
+def ledger_bytes_rank0_of_2(model) -> int:
+    """16 B/param (fp32 weight, grad, Adam m, v) on rank 0's ⌈d_0/2⌉ rows + a 4-byte Adam step per tensor."""
+    params = list(model.parameters())
+    return 16 * sum(math.ceil(p.shape[0] / 2) * p[0].numel() for p in params) + 4 * len(params)
+
+
+@pytest.mark.parametrize("algo,extra", [("grpo", ["--beta", "0.04"]), ("ppo", [])])
+def test_torchrun_two_ranks_end_to_end(algo, extra, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    out = tmp_path / "out"
+    p = run(["train.py", "--algo", algo, "--sft-steps", "60", "--out", str(out), *TINY, *extra], tmp_path, nproc=2)
+    assert "2 rank(s) on cpu" in p.stdout
+    train_rows, eval_rows = read_metrics(out)
+    assert [r["step"] for r in train_rows] == [1, 2] and [r["step"] for r in eval_rows] == [0, 1, 2]
+    keys = TRAIN_KEYS | ({"value_loss", "explained_variance"} if algo == "ppo" else set())
+    for r in train_rows:
+        assert keys <= set(r), keys - set(r)
+        assert 0 <= r["reward_mean"] <= 1 and r["reward_std"] >= 0 and 0 <= r["frac_reward_zero_std"] <= 1
+        assert 1 <= r["completion_len_mean"] <= 4 and 0 <= r["clipfrac"] <= 1 and r["approx_kl"] >= 0 and r["entropy"] > 0
+        # tokens_per_s = (completion tokens of all 4 × 4 sequences) / step time
+        assert math.isclose(r["tokens_per_s"] * r["step_time_s"], r["completion_len_mean"] * 16, rel_tol=1e-9)
+        assert (r["kl"] is None) == (algo == "ppo") and (r["kl"] is None or r["kl"] >= 0)  # k3 ≥ 0
+    for r in eval_rows:
+        assert 0 <= r["eval_accuracy"] <= 1 and (r["eval_accuracy"] * 16) % 1 == 0  # k correct of 16 prompts
+    if algo == "ppo":  # the critic's head starts at zero: V ≡ 0 explains nothing, EV = 1 − Var[R]/Var[R] = 0
+        ev = train_rows[0]["explained_variance"]
+        assert ev == 0.0 or (math.isnan(ev) and train_rows[0]["reward_std"] == 0)  # NaN: returns all equal
+    memory = json.loads((out / "memory.json").read_text())
+    assert memory["world_size"] == 2 and memory["predicted_bytes"] == memory["measured_bytes"]
+    expected = {"policy": ledger_bytes_rank0_of_2(AutoModelForCausalLM.from_pretrained(out / "sft_model"))}
+    if algo == "ppo":
+        expected["critic"] = ledger_bytes_rank0_of_2(AutoModelForTokenClassification.from_pretrained(out / "sft_model", num_labels=1))
+    assert memory["predicted_bytes"] == expected
+    ckpt = out / "checkpoints" / "step_000002"
+    assert json.loads((ckpt / "meta.json").read_text())["step"] == 2
+    assert sorted(f.name for f in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard per rank
+
+
+@pytest.fixture(scope="module")
+def arithmetic_files(tmp_path_factory) -> Path:
+    """50 'a+b=' rows under custom column names, as .jsonl and as .parquet (written by datasets)."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("local")
+    rows = [{"problem": f"{a}+{b}=", "solution": str(a + b)} for a in range(5, 15) for b in (1, 3, 8, 12, 20)]
+    with open(root / "rows.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    datasets.Dataset.from_list(rows).to_parquet(str(root / "rows.parquet"))
+    return root
+
+
+@pytest.mark.parametrize("algo,ext", [("grpo", "jsonl"), ("ppo", "parquet")])
+def test_local_model_dir_and_dataset_file_with_custom_columns(tiny_dir, arithmetic_files, algo, ext, tmp_path):
+    out = tmp_path / "out"
+    p = run(["train.py", "--algo", algo, "--model", tiny_dir, "--dataset", str(arithmetic_files / f"rows.{ext}"),
+             "--prompt-column", "problem", "--answer-column", "solution", "--out", str(out), *TINY, "--steps", "1"], tmp_path)
+    # the file has no 'question'/'answer' columns, so the custom ones were used; one file is the train split, and
+    # min(--eval-size 16, 50 // 5) = 10 of its rows are held out for evaluation
+    assert "40 train / 10 eval prompts" in p.stdout
+    assert not (out / "sft_model").exists()  # the given model was used, the embedded one was not built
+    train_rows, eval_rows = read_metrics(out)
+    assert [r["step"] for r in train_rows] == [1] and [r["step"] for r in eval_rows] == [0, 1]
+    assert TRAIN_KEYS | ({"value_loss", "explained_variance"} if algo == "ppo" else set()) <= set(train_rows[0])
+    assert (out / "checkpoints" / "step_000001" / "meta.json").exists()
