@@ -954,6 +954,8 @@ def main(argv=None) -> int:
             sys.stderr.flush()
         code = 2
     if dist.is_initialized():
+        if code == 0:
+            dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
     return code
 
