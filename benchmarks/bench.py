@@ -190,7 +190,7 @@ def plot(res: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for r in res.get("rl", []):
         bottom = 0.0
         for i, ph in enumerate(rl_part.PHASES):
@@ -210,6 +210,17 @@ def plot(res: dict, path: str) -> None:
         axes[1].set_xticks(Ts, [str(t) for t in Ts])
         axes[1].minorticks_off()
         axes[1].legend(fontsize=7)
+    # memory vs model size: the ledger's prediction (line) against the measured bytes (points), rank 0
+    for world in sorted({r["world"] for r in res.get("ledger", [])}):
+        rows = sorted((r for r in res["ledger"] if r["world"] == world and r["rank"] == 0), key=lambda r: r["n_params"])
+        axes[2].loglog([r["n_params"] for r in rows], [r["ledger_exact"] for r in rows], "-", color=f"C{world}",
+                       label=f"ledger, {world} rank(s)")
+        axes[2].loglog([r["n_params"] for r in rows], [r["tensors"] for r in rows], "o", color=f"C{world}",
+                       label=f"measured, {world} rank(s)")
+    axes[2].set_xlabel("parameters")
+    axes[2].set_ylabel("params + grads + AdamW bytes on rank 0")
+    if res.get("ledger"):
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -230,7 +241,7 @@ def main(argv=None) -> int:
         path = os.path.join(a.out, "results.json" if world == 1 else f"results_w{world}.json")  # torchrun: ledger only
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
-        if world == 1 and ("rl" in res or "gae" in res):
+        if world == 1 and ("rl" in res or "gae" in res or "ledger" in res):
             plot(res, os.path.join(a.out, "bench.png"))
         print(f"\nwrote {path} ({res['meta']['runtime_s']:.0f} s)", flush=True)
     dist.barrier()  # leave together: a gloo rank torn down while another still writes can abort ("terminate called ...")
