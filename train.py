@@ -93,6 +93,7 @@ class Args:
     critic_lr: float = arg(None, "critic learning rate (PPO); default 2x --lr (document 000: the critic wants more)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping (global norm)")
+    lr_schedule: str = arg("linear", "linear (decay to 0 at --steps) | constant")
     beta: float = arg(0.0, "KL coefficient to the frozen reference (0 = no reference model is loaded)")
     eps: float = arg(0.2, "clip range ε of the surrogate")
     vf_coef: float = arg(0.5, "c_v: weight of the critic loss (PPO)")
@@ -118,7 +119,7 @@ class Args:
 
 
 # Arguments that change what a checkpoint means: resuming with different ones is refused.
-RESUME_KEYS = ("algo", "model", "dataset", "dataset_config", "group_size", "prompts_per_step", "max_new_tokens",
+RESUME_KEYS = ("steps", "lr_schedule", "algo", "model", "dataset", "dataset_config", "group_size", "prompts_per_step", "max_new_tokens",
                "reward", "reward_model", "beta", "loss_agg", "seed", "sft_steps")
 
 
@@ -177,6 +178,8 @@ def check_args(a: Args, world_size: int) -> None:
             raise UserError(f"{flag} {name!r}: no such file or directory")
     if a.loss_agg not in grpo.LOSS_AGGREGATIONS:
         raise UserError(f"--loss-agg must be one of {', '.join(grpo.LOSS_AGGREGATIONS)}, not {a.loss_agg!r}")
+    if a.lr_schedule not in ("linear", "constant"):
+        raise UserError(f"--lr-schedule must be linear or constant, not {a.lr_schedule!r}")
     if a.dtype not in ("auto", "fp32", "bf16"):
         raise UserError(f"--dtype must be auto, fp32 or bf16, not {a.dtype!r}")
     load_reward_functions(a.reward)  # names and weights
@@ -845,6 +848,9 @@ def run(a: Args, rank: int, world: int, device: torch.device) -> None:
     per_rank = a.prompts_per_step // world
     bar = tqdm(range(start + 1, a.steps + 1), disable=rank != 0, desc=a.algo, dynamic_ncols=True)
     for step in bar:
+        for opt, base in zip(opts, (lr, critic_lr)):  # a pure function of the step: nothing to checkpoint
+            for group in opt.param_groups:
+                group["lr"] = base * (1 - (step - 1) / a.steps if a.lr_schedule == "linear" else 1.0)
         t0 = time.perf_counter()
         torch.manual_seed(seed_for(a.seed, step, rank))  # sampling noise: a pure function of (seed, step, rank)
         picks = np.random.default_rng(seed_for(a.seed, step)).choice(len(train_rows), a.prompts_per_step,
