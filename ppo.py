@@ -37,7 +37,6 @@ Shapes: B sequences, T completion tokens, V vocabulary.
 """
 
 import torch
-import torch.nn.functional as F
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
