@@ -796,8 +796,8 @@ def run(a: Args, rank: int, world: int, device: torch.device) -> None:
     reward_fns = load_reward_functions(a.reward)
     policy = load_model("causal", model_path, torch.float32)
     context = getattr(policy.config, "max_position_embeddings", None)
-    for i, (p, _) in enumerate(train_rows + eval_rows):
-        n = len(tokenize_prompts(tok, [p], a, "cpu")[0][0])
+    lengths = tokenize_prompts(tok, [p for p, _ in train_rows + eval_rows], a, "cpu")[1].sum(1).tolist()  # one batch
+    for i, n in enumerate(lengths):
         if context and n + a.max_new_tokens > context:
             raise UserError(f"prompt {i} has {n} tokens; with --max-new-tokens {a.max_new_tokens} it exceeds the "
                             f"model's context of {context} tokens (shorten it or lower --max-new-tokens)")
