@@ -59,7 +59,7 @@ class Run:
         B = cfg["prompts"] * cfg["group_size"]
         self.a = train.Args(algo=algo, group_size=cfg["group_size"], prompts_per_step=cfg["prompts"], max_new_tokens=cfg["T"],
                             minibatch_size=B // cfg["minibatches"], epochs=cfg["epochs"], beta=0.04, reward="math", seed=0,
-                            out=work_dir, lr=1e-5, critic_lr=1e-5)
+                            out=work_dir, lr=1e-5, critic_lr=1e-5, ent_coef=0.0)
         model_dir = os.path.join(work_dir, f"model_{size}")
         if rank == 0:
             common.save_model(size, model_dir)

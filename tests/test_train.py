@@ -368,6 +368,18 @@ def test_torchrun_two_ranks_end_to_end(algo, extra, tmp_path):
     assert sorted(f.name for f in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard per rank
 
 
+def test_unset_options_take_model_dependent_defaults():
+    """The embedded task's tuned values (README, "What tuning showed") never leak into a --model run, and an explicit
+    value, zero included, always wins."""
+    close = lambda xs, ys: all(math.isclose(x, y, rel_tol=1e-12) for x, y in zip(xs, ys, strict=True))
+    embedded = train.fill_model_defaults(train.parse_args(["--algo", "ppo"]))
+    assert close((embedded.lr, embedded.critic_lr, embedded.ent_coef), (1e-3, 5e-3, 0.05))
+    llm = train.fill_model_defaults(train.parse_args(["--model", "org/name", "--lr", "2e-6"]))
+    assert close((llm.lr, llm.critic_lr), (2e-6, 1e-5)) and llm.ent_coef == 0.0
+    explicit = train.fill_model_defaults(train.parse_args(["--ent-coef", "0", "--critic-lr", "7e-4"]))
+    assert explicit.ent_coef == 0.0 and explicit.critic_lr == 7e-4 and explicit.lr == 1e-3
+
+
 @pytest.fixture(scope="module")
 def arithmetic_files(tmp_path_factory) -> Path:
     """50 'a+b=' rows under custom column names, as .jsonl and as .parquet (written by datasets)."""
