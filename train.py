@@ -97,7 +97,7 @@ class Args:
     beta: float = arg(0.0, "KL coefficient to the frozen reference (0 = no reference model is loaded)")
     eps: float = arg(0.2, "clip range ε of the surrogate")
     vf_coef: float = arg(0.5, "c_v: weight of the critic loss (PPO)")
-    ent_coef: float = arg(None, "c_h: entropy bonus weight; default 0.05 for the embedded tiny model, 0 for --model")
+    ent_coef: float = arg(None, "c_h: entropy bonus; default 0.05 (GRPO) or 0.08 (PPO) on the embedded model, 0 with --model")
     value_clip: float = arg(0.0, "PPO value clipping range (0 = off)")
     epochs: int = arg(1, "inner epochs over one rollout batch")
     minibatch_size: int = arg(256, "sequences per optimizer step across all ranks")
@@ -202,7 +202,8 @@ def fill_model_defaults(a: Args) -> Args:
     if a.critic_lr is None:
         a.critic_lr = 5 * a.lr  # verl's defaults give the critic 10x (1e-5 vs 1e-6); 5x beat 2x on the tiny task
     if a.ent_coef is None:
-        a.ent_coef = 0.05 if embedded else 0.0  # the tiny policy's entropy collapses without it; LLMs: verl's default 0
+        # the tiny policy's entropy collapses without it (PPO stalled at 0.785 once with 0.05); LLMs: verl's default 0
+        a.ent_coef = (0.08 if a.algo == "ppo" else 0.05) if embedded else 0.0
     return a
 
 
@@ -826,11 +827,10 @@ def run(a: Args, rank: int, world: int, device: torch.device) -> None:
     if a.reward_model:
         reward_model = shard(load_model("reward", a.reward_model, torch.float32), mixed).eval().requires_grad_(False)
         rm_tok = load_tokenizer(a.reward_model)
-    lr, critic_lr = a.lr, a.critic_lr  # filled in by fill_model_defaults
-    opts = [torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=a.weight_decay)]
+    opts = [torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay)]
     trainables = {"policy": (policy, opts[0])}
     if critic is not None:
-        opts.append(torch.optim.AdamW(critic.parameters(), lr=critic_lr, weight_decay=a.weight_decay))
+        opts.append(torch.optim.AdamW(critic.parameters(), lr=a.critic_lr, weight_decay=a.weight_decay))
         trainables["critic"] = (critic, opts[1])
     start = load_checkpoint(a, trainables) if a.resume else 0
     metrics = MetricsLog(os.path.join(a.out, "metrics.jsonl"), rank, start if a.resume else None)
@@ -860,7 +860,7 @@ def run(a: Args, rank: int, world: int, device: torch.device) -> None:
     per_rank = a.prompts_per_step // world
     bar = tqdm(range(start + 1, a.steps + 1), disable=rank != 0, desc=a.algo, dynamic_ncols=True)
     for step in bar:
-        for opt, base in zip(opts, (lr, critic_lr)):  # a pure function of the step: nothing to checkpoint
+        for opt, base in zip(opts, (a.lr, a.critic_lr)):  # a pure function of the step: nothing to checkpoint
             for group in opt.param_groups:
                 group["lr"] = base * (1 - (step - 1) / a.steps if a.lr_schedule == "linear" else 1.0)
         t0 = time.perf_counter()

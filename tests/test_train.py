@@ -373,7 +373,8 @@ def test_unset_options_take_model_dependent_defaults():
     value, zero included, always wins."""
     close = lambda xs, ys: all(math.isclose(x, y, rel_tol=1e-12) for x, y in zip(xs, ys, strict=True))
     embedded = train.fill_model_defaults(train.parse_args(["--algo", "ppo"]))
-    assert close((embedded.lr, embedded.critic_lr, embedded.ent_coef), (1e-3, 5e-3, 0.05))
+    assert close((embedded.lr, embedded.critic_lr, embedded.ent_coef), (1e-3, 5e-3, 0.08))
+    assert train.fill_model_defaults(train.parse_args([])).ent_coef == 0.05  # GRPO
     llm = train.fill_model_defaults(train.parse_args(["--model", "org/name", "--lr", "2e-6"]))
     assert close((llm.lr, llm.critic_lr), (2e-6, 1e-5)) and llm.ent_coef == 0.0
     explicit = train.fill_model_defaults(train.parse_args(["--ent-coef", "0", "--critic-lr", "7e-4"]))
