@@ -799,6 +799,7 @@ def fault_now(kind: str, step: int, rank: int | None = None) -> bool:
 
 
 def run(a: Args, rank: int, world: int, device: torch.device) -> None:
+    fill_model_defaults(a)  # every caller of run() gets the same unset-option values
     mixed = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda")
     log = print if rank == 0 else (lambda *args, **kw: None)
     # ---- data and models -------------------------------------------------------------------------------------------
@@ -961,7 +962,6 @@ def main(argv=None) -> int:
     try:
         a = parse_args(argv)
         check_args(a, int(os.environ.get("WORLD_SIZE", 1)))  # before anything heavy
-        fill_model_defaults(a)
         rank, world, device = setup_distributed()
         run(a, rank, world, device)
         code = 0
