@@ -9,19 +9,21 @@ Estimator") and document 004 ("PPO & GRPO for LLM Alignment", section "Generaliz
     R_t = A_t + V(s_t)                                 the critic's regression target (document 000, step 6)
 
 λ = 0 gives the one-step TD error A_t = δ_t; λ = 1 gives the Monte-Carlo return minus the baseline,
-A_t = Σ_k γ^k r_{t+k} − V(s_t). Language-model RL usually takes γ = 1 and λ = 0.95 (document 000).
+A_t = Σ_k γ^k r_{t+k} − V(s_t). Language-model RL usually takes γ = 1 and λ = 0.95 (document 000); document 004's
+γ ≈ 0.99 leaves 0.99^499 ≈ 0.0066 of a terminal reward 500 tokens away at the first token (README, Errata).
 
 Shapes: B sequences in the batch, T completion tokens (padded to the longest).
 
 | symbol   | variable      | shape  | meaning                                                   |
 |----------|---------------|--------|-----------------------------------------------------------|
 | r_t      | rewards       | (B, T) | per-token reward (score at the last token, −β·KL shaping)  |
-| V(s_t)   | values        | (B, T) | critic's prediction before token t is emitted              |
+| V(s_t)   | values        | (B, T) | critic's prediction before token t is emitted; V_φ (000, 002), V_ψ (004) |
 | m_t      | mask          | (B, T) | 1 for completion tokens, 0 for padding                     |
 | γ, λ     | gamma, lam    | scalar | discount and GAE interpolation                             |
 | δ_t      | deltas        | (B, T) | TD errors                                                  |
 | A_t      | advantages    | (B, T) | GAE advantages, 0 on padding                               |
 | R_t      | returns       | (B, T) | value targets A_t + V(s_t), 0 on padding                   |
+| Â_t      | whiten(...)   | (B, T) | whitened advantages (x − mean)/(std + ε)                   |
 """
 
 import torch
@@ -35,8 +37,13 @@ def compute_gae(
     The value after a row's last valid token is taken as 0 (the episode ends there: document 000, step 1,
     "shift V left and append 0"). Runs under no_grad: the critic gets its gradient only from the value loss
     (document 000, "GAE in PyTorch", the classic bug of routing the policy loss through the critic).
+    bf16/fp16 inputs are upcast: the backward recursion runs, and returns, in float32 (a 500-token sum in bf16
+    keeps 8 bits of mantissa).
     """
     with torch.no_grad():
+        dtype = torch.promote_types(rewards.dtype, values.dtype)
+        dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        values, rewards = values.to(dtype), rewards.to(dtype)  # (B, T), (B, T)
         mask = torch.ones_like(values) if mask is None else mask.to(values.dtype)  # (B, T)
         values = values * mask  # (B, T) padded values never enter a TD error
         rewards = rewards * mask  # (B, T)
@@ -73,14 +80,24 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Advantage whitening over valid tokens: (x − mean) / (std + ε), 0 on padding.
+    """Advantage whitening over valid tokens: (x − mean)/(std + ε), 0 on padding.
 
     Document 000, "PyTorch: The Real PPO Loss", line 79 of its listing (`adv = (adv - adv.mean()) / (adv.std() + 1e-8)`),
-    with masked statistics so padding does not move the mean. shift_mean=False rescales only.
+    with masked statistics so padding does not move the mean. shift_mean=False normalises the spread and keeps the
+    mean, (x − mean)/(std + ε) + mean (TRL's `whiten`), so a constant input comes back unchanged.
+    Exact on constant input: the statistics are taken in float64 of x − x_0, x_0 the first valid element, so equal
+    values give differences of exactly 0, mean 0, std 0 and Â = 0/(0 + ε) = 0 (a float32 mean of equal values is
+    inexact and would leave a std of ~1e-7 that ε = 1e-8 cannot hide). Returned in x's dtype.
     """
     mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)  # (B, T)
-    mean = masked_mean(x, mask)  # ()
-    std = masked_var(x, mask).sqrt()  # ()
+    m = mask.double()  # (B, T)
+    x0 = x.flatten()[torch.argmax(m.flatten())].double()  # () first valid element (argmax takes the first 1)
+    d = (x.double() - x0) * m  # (B, T) shifted, exact 0 where x = x_0
+    mean = masked_mean(d, m)  # ()
+    std = masked_var(d, m).sqrt()  # ()
     # Â = (A − mean(A)) / (std(A) + ε)
-    centred = x - mean if shift_mean else x  # (B, T)
-    return centred / (std + eps) * mask  # (B, T)
+    out = (d - mean) / (std + eps)  # (B, T)
+    if not shift_mean:
+        # Â = (A − mean(A)) / (std(A) + ε) + mean(A)
+        out = out + (mean + x0)  # (B, T)
+    return (out * m).to(x.dtype)  # (B, T)

@@ -1,4 +1,4 @@
-"""GRPO: group-relative advantages, the KL estimators k1/k2/k3, and the GRPO loss with its three aggregations.
+"""GRPO: group-relative advantages, the KL estimators k1/k2/k3 and their gradients, the GRPO loss and its aggregations.
 
 Implements document 001 ("GRPO — drop the critic": "The algorithm in two lines", "Why the group mean is a valid
 baseline", "Why divide by std?", "The loss in code"), document 004 ("8. GRPO: Dropping the Critic") and document 002
@@ -6,33 +6,46 @@ baseline", "Why divide by std?", "The loss in code"), document 004 ("8. GRPO: Dr
 
     A_i  = (R_i − mean_j R_j) / (std_j R_j + ε)     group-relative advantage, broadcast to every token of rollout i
     A_i  =  R_i − mean_j R_j                         Dr.GRPO (Liu et al. 2025): no std division (scale=False)
-    ρ_t  = exp(log π_θ − log π_θold)
-    ℓ_t  = −min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i) + β·k3_t
+    ℓ_t  = ℓ^CLIP_t + β·k_t,   ℓ^CLIP_t = −min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i)   (ppo.clipped_surrogate_loss)
     k1_t = log π_θ − log π_ref;   k2_t = ½ (log π_θ − log π_ref)²;   k3_t = π_ref/π_θ − log(π_ref/π_θ) − 1
 
 std is Bessel-corrected (divides by G − 1): document 001's code calls `rewards.std()`, torch's default. A group whose
-rewards are all equal has std 0 and gets A = 0/(0 + ε) = 0: no signal, never NaN. G = 1 has no defined std.
+rewards are all equal has std 0 and gets A = 0/(0 + ε) = 0 exactly (see group_advantages): no signal, never NaN.
+
+Gradients of the KL estimators (Schulman 2020; exact enumeration in tests/test_grpo.py::test_kl_gradients_*). With
+the samples a ∼ π_θ held fixed and the gradient taken through log π_θ(a) only:
+    E_{a∼π_θ}[∇k1] = E[∇log π_θ(a)] = 0                        k1 in the loss does nothing in expectation
+    E_{a∼π_θ}[∇k2] = ∇KL(π_θ ‖ π_ref)                           the direction the loss claims
+    E_{a∼π_θ}[∇k3] = −Σ_a π_ref(a)∇log π_θ(a) = ∇KL(π_ref ‖ π_θ)   the other direction
+Off-policy (samples from π_θold ≠ π_θ, i.e. every minibatch after the first when epochs > 1 or several minibatches)
+the KL term's gradient estimates ∇_θ E_{a∼π_θold}[k(a; θ)], equal to the on-policy one only at θ = θold; weighting
+each token by ρ = π_θ/π_θold (detached) would recover it: E_{π_θold}[ρ·∇k] = E_{π_θ}[∇k].
 
 On the baseline (document 001, "Why the group mean is a valid baseline"): the text says the group mean depends only
 on the prompt x. It does not: mean_j R_j contains R_i, the sample's own reward. Exact enumeration
 (tests/test_grpo.py::test_baseline_by_exact_enumeration) shows, with R_i − mean_j R_j = (1 − 1/G)(R_i − mean_{j≠i} R_j),
     E[∇log π(y_i)·(R_i − mean_j R_j)] = (1 − 1/G)·∇J
 so the mean-centred estimator is the true gradient shrunk by (G−1)/G: same direction, biased in scale, and exactly
-unbiased if the sample is left out of its own baseline (RLOO). A state-only baseline b(x) gives ∇J exactly. Dividing
-by the group std is not a positive constant either: it changes the expected direction (Dr.GRPO's point).
+unbiased if the sample is left out of its own baseline (RLOO). Dividing by the group std is not a positive constant
+either: it changes the expected direction (Dr.GRPO's point).
 
 Shapes: P prompts, G completions per prompt, B = P·G sequences, T completion tokens.
 
-| symbol      | variable      | shape  | meaning                                                |
-|-------------|---------------|--------|--------------------------------------------------------|
-| R_i         | rewards       | (P, G) | sequence reward of each completion                     |
-| A_i         | advantages    | (P, G) | group-relative advantage; (B,) or (B, T) in the loss    |
-| log π_θ     | logprobs      | (B, T) | current policy log-prob of each sampled token           |
-| log π_θold  | old_logprobs  | (B, T) | rollout-time policy log-probs                           |
-| log π_ref   | ref_logprobs  | (B, T) | frozen reference log-probs                              |
-| m_t         | mask          | (B, T) | 1 for completion tokens                                 |
-| ε, β        | eps, beta     | scalar | clip range, KL coefficient                              |
-| L_max       | max_len       | scalar | Dr.GRPO's constant normaliser (e.g. max new tokens)     |
+| symbol      | variable      | shape  | meaning                                                         |
+|-------------|---------------|--------|-----------------------------------------------------------------|
+| G           | rewards.shape[1] | scalar | group size; K in document 001                                 |
+| R_i         | rewards       | (P, G) | sequence reward of each completion                              |
+| A_i         | advantages    | (P, G) | group-relative advantage; (B,) or (B, T) in the loss             |
+| valid_i     | valid         | (P, G) | False for members the trainer drops (e.g. truncated): A_i = 0    |
+| log π_θ     | logprobs      | (B, T) | current policy log-prob of each sampled token                    |
+| log π_ref   | ref_logprobs  | (B, T) | frozen reference log-probs                                       |
+| ρ_t         | (in pg_loss)  | (B, T) | π_θ/π_θold; r_t(θ) in document 002, c_t in document 004          |
+| ℓ^CLIP_t    | pg_loss       | (B, T) | per-token clipped surrogate from ppo.clipped_surrogate_loss      |
+| k_t         | kl            | (B, T) | per-token KL estimate (k1, k2 or k3)                             |
+| m_t         | mask          | (B, T) | 1 for completion tokens                                          |
+| ε           | eps           | scalar | guard in the std division (1e-6, document 001's code)            |
+| β           | beta          | scalar | KL coefficient                                                   |
+| L_max       | max_len       | scalar | Dr.GRPO's constant normaliser (e.g. max new tokens)              |
 """
 
 import torch
@@ -40,17 +53,46 @@ import torch
 LOSS_AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
-    """A = (r − mean)/(std + ε) over each row of a (P, G) reward matrix; scale=False is Dr.GRPO's r − mean."""
+def _shifted(rewards: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 R_i − R_first (R_first the group's first valid reward), 0 where invalid; and the valid mask as float64."""
+    v = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()  # (P, G)
+    first = torch.argmax(v.to(torch.uint8), dim=-1, keepdim=True)  # (P, 1) argmax returns the first maximum
+    r = rewards.double()  # (P, G)
+    # d_i = R_i − R_first: exactly 0 for equal rewards, exact (Sterbenz) for close ones
+    return torch.where(v, r - r.gather(-1, first), torch.zeros_like(r)), v.double()  # (P, G), (P, G)
+
+
+def group_advantages(
+    rewards: torch.Tensor, eps: float = 1e-6, scale: bool = True, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A = (R − mean)/(std + ε) over each row of a (P, G) reward matrix; scale=False is Dr.GRPO's R − mean.
+
+    valid: optional (P, G) bool; invalid members get A = 0 and are left out of their group's mean and std.
+    Exact zeros: the statistics are computed in float64 on R_i − R_first, so a group whose valid rewards are all
+    equal has differences, mean and std of exactly 0 and A = 0/(0 + ε) = 0 whatever the value and dtype (a float32
+    mean of eight 1.2s is inexact, and its ~1e-7 std is not hidden by ε = 1e-6). A group with fewer than 2 valid
+    members gets A = 0. The result is returned in rewards' dtype; degenerate_groups names the groups with A ≡ 0.
+    """
     if scale and rewards.shape[-1] < 2:
         raise ValueError("group_advantages: the group std needs G >= 2 completions per prompt")
-    mean = rewards.mean(dim=-1, keepdim=True)  # (P, 1)
+    d, v = _shifted(rewards, valid)  # (P, G), (P, G)
+    n = v.sum(-1, keepdim=True)  # (P, 1) valid members
+    # R_i − mean_j R_j  (the shift cancels)
+    centred = (d - d.sum(-1, keepdim=True) / n.clamp(min=1)) * v  # (P, G)
     if not scale:
-        # A_i = R_i − mean(R)
-        return rewards - mean  # (P, G)
-    std = rewards.std(dim=-1, keepdim=True)  # (P, 1) Bessel-corrected, as document 001's code
-    # A_i = (R_i − mean(R)) / (std(R) + ε)
-    return (rewards - mean) / (std + eps)  # (P, G)
+        return centred.to(rewards.dtype)  # (P, G)
+    std = ((centred**2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()  # (P, 1) Bessel-corrected
+    # A_i = (R_i − mean(R)) / (std(R) + ε), 0 when fewer than 2 members are valid
+    adv = torch.where(n >= 2, centred / (std + eps), torch.zeros_like(centred))  # (P, G)
+    return adv.to(rewards.dtype)  # (P, G)
+
+
+def degenerate_groups(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(P,) True where a group's valid rewards are all equal or fewer than 2 are valid: exactly the groups that
+    group_advantages gives A ≡ 0 (the trainer's frac_reward_zero_std)."""
+    d, v = _shifted(rewards, valid)  # (P, G), (P, G)
+    # degenerate ⇔ R_i = R_first for every valid i  (true as well when fewer than 2 are valid: then every d_i = 0)
+    return (d == 0).all(-1)  # (P,)
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -75,6 +117,9 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.expm1(logr) - logr  # (B, T)
 
 
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
 def aggregate_loss(
     per_token: torch.Tensor,
     mask: torch.Tensor,
@@ -87,7 +132,7 @@ def aggregate_loss(
 
     seq-mean-token-mean      original GRPO: mean over each rollout's tokens, then mean over rollouts (1/|o_i| per row)
     token-mean               DAPO: Σ over all tokens / number of tokens (long rollouts weigh more, no length bias)
-    seq-mean-token-sum-norm  Dr.GRPO: Σ over all tokens / (rollouts · L_max), a constant normaliser
+    seq-mean-token-sum-norm  Dr.GRPO: Σ over all tokens / (rollouts · L_max), a constant normaliser (max_len required)
     num_sequences / num_tokens replace the local counts when ranks split a batch (global count / world size).
     """
     mask = mask.to(per_token.dtype)  # (B, T)
@@ -101,42 +146,43 @@ def aggregate_loss(
         n_tok = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
         return (per_token * mask).sum() / n_tok  # ()
     if mode == "seq-mean-token-sum-norm":
+        if max_len is None:
+            raise ValueError("seq-mean-token-sum-norm (Dr.GRPO) needs max_len, the constant L_max (e.g. max new tokens)")
         # Σ_{i,t} ℓ_{i,t} / (B · L_max)
-        L = per_token.shape[1] if max_len is None else max_len
-        return (per_token * mask).sum() / (n_seq * L)  # ()
+        return (per_token * mask).sum() / (n_seq * max_len)  # ()
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(LOSS_AGGREGATIONS)}")
 
 
 def grpo_loss(
+    pg_loss: torch.Tensor,
     logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
     mask: torch.Tensor,
-    ref_logprobs: torch.Tensor | None = None,
-    eps: float = 0.2,
+    *,
     beta: float = 0.04,
+    kl_estimator: str = "k3",
     loss_agg: str = "seq-mean-token-mean",
     max_len: int | None = None,
     num_sequences: float | None = None,
     num_tokens: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """GRPO's loss: clipped surrogate with A_i broadcast to every token, plus β·k3 to the reference, aggregated.
+    """GRPO's loss: the per-token clipped surrogate plus β·k to the reference, aggregated (document 001, "The loss in code").
 
-    advantages: (B,) per rollout (or (B, T) already broadcast). Returns the loss and detached parts for logging.
+    pg_loss: (B, T) PPO's clipped surrogate with A_i broadcast to every token (document 001 "(b) PPO-clip surrogate"),
+    i.e. ppo.clipped_surrogate_loss(logprobs, old_logprobs, A[:, None], ...): one surrogate for both algorithms.
+    Returns "loss", "policy_loss" (aggregated pg_loss, detached) and "kl" (aggregated k, detached; absent when
+    ref_logprobs is None or beta == 0).
     """
-    mask = mask.to(logprobs.dtype)  # (B, T)
-    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
-    # ρ_t = exp(log π_θ − log π_θold)
-    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
-    # ℓ^CLIP_t = −min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i)
-    pg = torch.maximum(-ratio * adv, -torch.clamp(ratio, 1.0 - eps, 1.0 + eps) * adv)  # (B, T)
-    per_token = pg  # (B, T)
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+    mask = mask.to(pg_loss.dtype)  # (B, T)
+    per_token = pg_loss  # (B, T)
     out = {}
     if ref_logprobs is not None and beta != 0.0:
-        kl = kl_k3(logprobs, ref_logprobs)  # (B, T)
-        # ℓ_t = ℓ^CLIP_t + β k3_t
-        per_token = pg + beta * kl  # (B, T)
+        kl = KL_ESTIMATORS[kl_estimator](logprobs, ref_logprobs)  # (B, T)
+        # ℓ_t = ℓ^CLIP_t + β k_t
+        per_token = pg_loss + beta * kl  # (B, T)
         out["kl"] = aggregate_loss(kl.detach(), mask, loss_agg, max_len, num_sequences, num_tokens)
-    out["policy_loss"] = aggregate_loss(pg.detach(), mask, loss_agg, max_len, num_sequences, num_tokens)
+    out["policy_loss"] = aggregate_loss(pg_loss.detach(), mask, loss_agg, max_len, num_sequences, num_tokens)
     out["loss"] = aggregate_loss(per_token, mask, loss_agg, max_len, num_sequences, num_tokens)
     return out

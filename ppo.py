@@ -12,6 +12,7 @@ objective for RLHF").
     H_t   = −Σ_a π_θ(a|s_t) log π_θ(a|s_t)                                                   per-token entropy
     r_t   = −β (log π_θ(a_t|s_t) − log π_ref(a_t|s_t))  (+ reward-model score at the last token)   KL shaping
     L     = mean_t L^CLIP_t + c_v·mean_t L^V_t − c_h·mean_t H_t                               composite loss
+    stop the epochs when approx_kl > KL_target, or β_{t+1} = β_t·(1 + K_β·clip(KL_t/KL_target − 1, ±0.2))    KL control
 
 Erratum (document 000, "Manual Numerical Walkthrough", step 4): the text says every ratio of the 6-token example
 lies inside the clip window [0.8, 1.2]; but ρ_3 = exp(0.20) = 1.2214 > 1.2 and A_3 > 0, so clipping is active at
@@ -24,15 +25,19 @@ Shapes: B sequences, T completion tokens, V vocabulary.
 | symbol        | variable          | shape     | meaning                                                   |
 |---------------|-------------------|-----------|-----------------------------------------------------------|
 | log π_θ       | logprobs          | (B, T)    | current policy's log-prob of each sampled token            |
+| ρ_t           | ratio             | (B, T)    | importance ratio; r_t(θ) in document 002, c_t in 004       |
 | log π_θold    | old_logprobs      | (B, T)    | the same under the rollout policy                          |
 | log π_ref     | ref_logprobs      | (B, T)    | the same under the frozen reference                        |
 | A_t           | advantages        | (B, T)    | GAE advantages (gae.py) or a broadcast group advantage     |
-| V_φ, V_φold   | values, old_values| (B, T)    | critic predictions now and at rollout time                 |
+| V_φ, V_φold   | values, old_values| (B, T)    | critic predictions now and at rollout time (V_ψ in 004)    |
 | R_t           | returns           | (B, T)    | value targets                                              |
 | m_t           | mask              | (B, T)    | 1 for completion tokens                                    |
 | ε, ε_low/high | eps, eps_low/high | scalar    | clip range (asymmetric: DAPO's clip-higher)                |
 | c             | dual_clip         | scalar    | dual-clip bound for A < 0 (Ye et al. 2020), c > 1          |
+| H_t           | entropy           | (B, T)    | per-token entropy of π_θ                                   |
+| c_v, c_h      | vf_coef, ent_coef | scalar    | value-loss and entropy-bonus coefficients                  |
 | β             | beta              | scalar    | KL coefficient (InstructGPT used 0.02, document 004)       |
+| KL_target, H  | kl_target, horizon| scalar    | adaptive-KL target and horizon (Ziegler et al. 2019)       |
 | logits        | logits            | (B, T, V) | policy logits that produced logprobs                       |
 """
 
@@ -63,6 +68,10 @@ def clipped_surrogate_loss(
     """
     eps_low = eps if eps_low is None else eps_low
     eps_high = eps if eps_high is None else eps_high
+    if not eps_high >= eps_low > 0:
+        raise ValueError(f"clip range needs eps_high >= eps_low > 0, got eps_low={eps_low}, eps_high={eps_high}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1 (it caps the loss at -c·A for A < 0), got {dual_clip}")
     # ρ_t = exp(log π_θ − log π_θold)
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
     # −ρ_t A_t  and  −clip(ρ_t, 1−ε, 1+ε) A_t
@@ -84,9 +93,11 @@ def value_loss(
     With clip (PPO2-style value clipping as in OpenAI baselines): V_clip = V_old + clip(V − V_old, −c, c) and
     the loss is max((V − R)², (V_clip − R)²), so the critic cannot move far from its rollout-time prediction.
     """
+    if clip is not None and old_values is None:
+        raise ValueError("value_loss: value clipping (clip set) needs old_values, the rollout-time predictions")
     # L^V_t = (V_φ(s_t) − R_t)²
     loss = (values - returns) ** 2  # (B, T)
-    if clip is not None and old_values is not None:
+    if clip is not None:
         # V_clip = V_old + clip(V − V_old, −c, c)
         values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)  # (B, T)
         loss = torch.maximum(loss, (values_clipped - returns) ** 2)  # (B, T)
@@ -106,15 +117,16 @@ def kl_shaped_rewards(
     """Per-token rewards with the KL penalty folded in (document 004, "Generalized Advantage Estimation (GAE)").
 
     r_t = −β·KL_t at every token and r_T = R(p, r) − β·KL_T at the last valid token, KL_t = log π_θ − log π_ref
-    (the k1 estimator, as InstructGPT). scores: (B,) sequence-level reward.
+    (the k1 estimator, as InstructGPT). scores: (B,) sequence-level reward. The mask may be left- or right-padded:
+    the score goes to the last position whose mask is 1; a row with no tokens gets nothing.
     """
     mask = mask.to(logprobs.dtype)  # (B, T)
     # KL_t = log π_θ(a_t|s_t) − log π_ref(a_t|s_t)
     kl = (logprobs - ref_logprobs) * mask  # (B, T)
     # r_t = −β KL_t
     rewards = -beta * kl  # (B, T)
-    # last valid index per row (mask is a prefix of ones); an empty row adds its score nowhere
-    last = (mask.sum(dim=1).long() - 1).clamp(min=0)  # (B,)
+    # last valid index per row: T − 1 − (first 1 of the reversed row); argmax returns the first maximum
+    last = mask.shape[1] - 1 - torch.argmax(mask.flip(1), dim=1)  # (B,)
     has_tokens = (mask.sum(dim=1) > 0).to(rewards.dtype)  # (B,)
     # r_T += R(p, r)
     rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype) * has_tokens  # (B,)
@@ -153,15 +165,22 @@ def approx_kl(
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """explained_variance = 1 − Var[R − V] / Var[R] over valid tokens: 1 is a perfect critic, ≤ 0 a useless one."""
-    mask = mask.to(values.dtype)  # (B, T)
-    n = mask.sum().clamp(min=2)  # ()
-    mean_r = (returns * mask).sum() / n  # ()
-    var_r = (((returns - mean_r) ** 2) * mask).sum() / (n - 1)  # ()
-    err = (returns - values) * mask  # (B, T)
-    var_err = (((err - err.sum() / n) ** 2) * mask).sum() / (n - 1)  # ()
+    """explained_variance = 1 − Var[R − V] / Var[R] over valid tokens: 1 is a perfect critic, ≤ 0 a useless one.
+
+    NaN when the returns do not vary. Exact for constant returns: the variances are taken in float64 of x − x_0
+    (x_0 the first valid element), so equal returns give Var[R] = 0 exactly, not the ~1e-14 of a float32 mean.
+    """
+    m = mask.double()  # (B, T)
+    n = m.sum().clamp(min=2)  # ()
+    first = torch.argmax(m.flatten())  # () index of the first valid token
+    r = (returns.double() - returns.flatten()[first].double()) * m  # (B, T) shifted returns
+    err = returns.double() - values.double()  # (B, T)
+    e = (err - err.flatten()[first]) * m  # (B, T) shifted errors
+    var_r = (((r - r.sum() / n) ** 2) * m).sum() / (n - 1)  # ()
+    var_err = (((e - e.sum() / n) ** 2) * m).sum() / (n - 1)  # ()
     # EV = 1 − Var[R − V] / Var[R]   (NaN when the returns do not vary)
-    return 1.0 - var_err / var_r if var_r > 0 else torch.full_like(var_r, float("nan"))  # ()
+    ev = 1.0 - var_err / var_r if var_r > 0 else torch.full_like(var_r, float("nan"))  # ()
+    return ev.to(values.dtype)  # ()
 
 
 def ppo_loss(
@@ -174,6 +193,8 @@ def ppo_loss(
     old_values: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     eps: float = 0.2,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
     vf_coef: float = 0.5,
     ent_coef: float = 0.0,
     value_clip: float | None = None,
@@ -183,11 +204,13 @@ def ppo_loss(
     Objective"; document 000 uses c_v ≈ 0.5, c_h ≈ 0.01). Returns the loss and its parts, detached parts for logging.
 
     num_tokens: the normaliser N of every mean; pass the global token count / world size when ranks split a batch,
-    so that FSDP's gradient average equals the gradient of the global mean.
+    so that FSDP's gradient average equals the gradient of the global mean. eps is ε_low; eps_high (default eps)
+    and dual_clip go to clipped_surrogate_loss.
     """
     mask = mask.to(logprobs.dtype)  # (B, T)
     # −J_PPO = E_t[−min(ρA, clip(ρ)A)]
-    policy_loss = masked_mean(clipped_surrogate_loss(logprobs, old_logprobs, advantages, eps=eps), mask, num_tokens)
+    pg = clipped_surrogate_loss(logprobs, old_logprobs, advantages, eps=eps, eps_high=eps_high, dual_clip=dual_clip)  # (B, T)
+    policy_loss = masked_mean(pg, mask, num_tokens)  # ()
     loss = policy_loss
     out = {"policy_loss": policy_loss.detach()}
     if values is not None:
@@ -201,7 +224,32 @@ def ppo_loss(
         loss = loss - ent_coef * ent
         out["entropy"] = ent.detach()
     ratio = torch.exp(logprobs - old_logprobs).detach()  # (B, T)
-    out["clipfrac"] = clip_fraction(ratio, advantages, mask, eps, eps, num_tokens)
+    out["clipfrac"] = clip_fraction(ratio, advantages, mask, eps, eps if eps_high is None else eps_high, num_tokens)
     out["approx_kl"] = approx_kl(logprobs.detach(), old_logprobs, mask, num_tokens)
     out["loss"] = loss
     return out
+
+
+def kl_early_stop(approx_kl: float, target_kl: float | None) -> bool:
+    """True when target_kl is set and approx_kl exceeds it (document 002: "stop early when KL exceeds a target").
+
+    The trainer checks the global approx_kl of each minibatch before stepping the optimizer on it and, at the first
+    one above the target, stops the step's remaining epochs without that update (the SB3/cleanrl rule).
+    """
+    # stop ⇔ KL_target set ∧ approx_kl > KL_target
+    return target_kl is not None and approx_kl > target_kl
+
+
+def adaptive_kl_beta(beta: float, kl: float, kl_target: float, horizon: float, n_samples: int) -> float:
+    """One step of the proportional β controller of Ziegler et al. 2019 (document 002: "adapt β to keep it in range").
+
+    "Fine-Tuning Language Models from Human Preferences", the controller behind InstructGPT, in their code's form:
+    K_β = n_samples / horizon for a step of n_samples samples over a horizon H. Their KL_t is per sequence (summed
+    over tokens); the trainer feeds its logged per-token mean `kl` with a per-token target: the formula is the same.
+    """
+    if kl_target <= 0 or horizon <= 0:
+        raise ValueError(f"adaptive KL needs kl_target > 0 and horizon > 0, got {kl_target}, {horizon}")
+    # e_t = clip(KL_t / KL_target − 1, −0.2, 0.2)
+    error = min(max(kl / kl_target - 1.0, -0.2), 0.2)
+    # β_{t+1} = β_t (1 + K_β e_t),  K_β = n / H
+    return beta * (1.0 + n_samples / horizon * error)

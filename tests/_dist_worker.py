@@ -1,40 +1,62 @@
 """Launched by tests/test_train.py under torchrun (gloo, CPU); not a test module itself.
 
     torchrun --nproc_per_node W tests/_dist_worker.py update   MODEL_DIR OUT_DIR   (reads OUT_DIR/batch.pt)
-    torchrun --nproc_per_node 2 tests/_dist_worker.py update,generate MODEL_DIR OUT_DIR   (both in one launch)
+    torchrun --nproc_per_node 2 tests/_dist_worker.py update,generate,collectives MODEL_DIR OUT_DIR
 
-update:   for each case of CASES, load + shard the policy (and critic), take this rank's contiguous slice of the fixed
-          batch, compute_advantages + one train.update with minibatch = the whole batch + step_metrics, and save from
-          rank 0 the logged row, the gathered advantages and every full (unsharded) parameter.
-generate: count the collectives torch.distributed issues during train.generate on a sharded model, and save rollouts.
+update:      for each case of CASES, load + shard the policy (and critic), take this rank's contiguous slice of the
+             fixed batch, train.compute_advantages + train.update + train.step_metrics, and save from rank 0 the logged
+             row, the gathered advantages and every full (unsharded) parameter.
+generate:    count the collectives torch.distributed issues during train.sample on a sharded model, and save rollouts.
+collectives: one PPO and one GRPO train.rl_step with every torch.distributed collective wrapped by a checker that knows
+             the process group's device; saves every call (function, device of each tensor, caller).
 """
 
 import os
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import plumbing  # noqa: E402
 import train  # noqa: E402
 
-# (name, algo, loss_agg, max_grad_norm): a huge max_grad_norm disables clipping so the update's scale is tested too
+# (name, algo, loss_agg, max_grad_norm, epochs, minibatch, micro): a huge max_grad_norm disables clipping so the update's
+# scale is tested too; minibatch None = the whole batch; micro 0 = the whole minibatch per forward/backward
 CASES = [
-    ("grpo-seq-mean-token-mean", "grpo", "seq-mean-token-mean", 1e9),
-    ("grpo-token-mean", "grpo", "token-mean", 1e9),
-    ("grpo-seq-mean-token-sum-norm", "grpo", "seq-mean-token-sum-norm", 1e9),
-    ("grpo-token-mean-clipped", "grpo", "token-mean", 1e-2),
-    ("ppo", "ppo", "seq-mean-token-mean", 1e9),
+    ("grpo-seq-mean-token-mean", "grpo", "seq-mean-token-mean", 1e9, 1, None, 0),
+    ("grpo-token-mean", "grpo", "token-mean", 1e9, 1, None, 0),
+    ("grpo-seq-mean-token-sum-norm", "grpo", "seq-mean-token-sum-norm", 1e9, 1, None, 0),
+    ("grpo-token-mean-clipped", "grpo", "token-mean", 1e-2, 1, None, 0),
+    ("ppo", "ppo", "token-mean", 1e9, 1, None, 0),
+    # micro-batches of one sequence: gradient accumulation must give the same update as one big batch
+    ("grpo-seq-mean-token-mean-micro1", "grpo", "seq-mean-token-mean", 1e9, 1, None, 1),
+    ("grpo-token-mean-micro1", "grpo", "token-mean", 1e9, 1, None, 1),
+    ("grpo-seq-mean-token-sum-norm-micro1", "grpo", "seq-mean-token-sum-norm", 1e9, 1, None, 1),
+    ("ppo-micro1", "ppo", "token-mean", 1e9, 1, None, 1),
+    # PPO with 2 epochs × 2 minibatches, value clipping and an entropy bonus (checked against tests' ppo_reference_update)
+    ("ppo-2x2", "ppo", "token-mean", 1e9, 2, 4, 0),
 ]
 LR = 0.5  # plain SGD: the parameter change is lr × gradient, so a wrong gradient scale cannot hide (Adam's would)
+CRITIC_LR = 0.02  # the critic's loss is ~1 (returns vs V ≈ 0): at 0.5 it would diverge and amplify fp32 rounding
 
 
-def case_args(algo: str, loss_agg: str, max_grad_norm: float, batch: dict) -> train.Args:
+def case_args(case: tuple, batch: dict) -> train.Args:
+    _, algo, loss_agg, max_grad_norm, epochs, minibatch, micro = case
     B, T = batch["mask"].shape
     return train.Args(algo=algo, loss_agg=loss_agg, max_grad_norm=max_grad_norm, group_size=batch["group_size"],
-                      prompts_per_step=B // batch["group_size"], minibatch_size=B, epochs=1,
-                      max_new_tokens=T, temperature=batch["temperature"], beta=batch["beta"], eps=0.2,
+                      prompts_per_step=B // batch["group_size"], minibatch_size=minibatch or B, micro_batch_size=micro,
+                      epochs=epochs, max_new_tokens=T, temperature=batch["temperature"], beta=batch["beta"], eps=0.2,
                       ent_coef=batch["ent_coef"], vf_coef=0.5, value_clip=0.2, gamma=1.0, lam=0.95, seed=0)
+
+
+def make_run(args, policy, critic, optimizers, device=torch.device("cpu"), **fields) -> train.Run:
+    """A train.Run around models built here (no tokenizer, data or sampler: the update does not use them)."""
+    base = dict(tok=None, ref=None, reward_model=None, rm_tok=None, reward_fns=[], train_rows=[], eval_rows=[],
+                sample_config=None, greedy_config=None, eos_ids=[], hf_generation_config=None)
+    return train.Run(args, dist.get_rank(), dist.get_world_size(), device, policy=policy, critic=critic,
+                     optimizers=optimizers, beta=args.beta, **(base | fields))
 
 
 def run_update(model_dir: str, out_dir: str) -> None:
@@ -43,82 +65,140 @@ def run_update(model_dir: str, out_dir: str) -> None:
     B = batch["input_ids"].shape[0]
     lo, hi = rank * B // world, (rank + 1) * B // world  # this rank's contiguous rows
     results = {}
-    for name, algo, loss_agg, max_grad_norm in CASES:
-        a = case_args(algo, loss_agg, max_grad_norm, batch)
-        policy = train.shard(train.load_model("causal", model_dir, torch.float32), False).eval()
+    for case in CASES:
+        name, algo = case[0], case[1]
+        args = case_args(case, batch)
+        policy = plumbing.shard(plumbing.load_full_model("causal", model_dir, torch.float32), False).eval()
         critic = None
         opts = [torch.optim.SGD(policy.parameters(), lr=LR)]
         if algo == "ppo":
-            critic = train.load_model("critic", model_dir, torch.float32)
+            critic = plumbing.load_full_model("critic", model_dir, torch.float32)
             with torch.no_grad():  # a non-zero head, so the critic's body gets gradients on the first step
                 critic.score.weight.copy_(batch["critic_head"])
-            critic = train.shard(critic, False).eval()
-            opts.append(torch.optim.SGD(critic.parameters(), lr=LR))
+            critic = plumbing.shard(critic, False).eval()
+            opts.append(torch.optim.SGD(critic.parameters(), lr=CRITIC_LR))
+        run = make_run(args, policy, critic, opts)
+        n = hi - lo
         ro = train.Rollout(batch["input_ids"][lo:hi], batch["attention_mask"][lo:hi], batch["mask"][lo:hi].clone(),
-                           batch["n_prompt"], [""] * (hi - lo), torch.zeros(hi - lo, dtype=torch.bool))
-        old, ref = batch["old_logprobs"][lo:hi], batch["ref_logprobs"][lo:hi]
-        values = batch["old_values"][lo:hi] if algo == "ppo" else None
-        scores = batch["scores"][lo:hi]
-        adv, returns = train.compute_advantages(a, ro, scores, old, ref, values)
-        stats = train.update(a, ro, adv, returns, old, ref, values, policy, critic, opts, step=1, world=world)
+                           batch["mask"][lo:hi].clone(), batch["n_prompt"], [""] * n, [""] * n, [""] * n,
+                           scores=batch["scores"][lo:hi], old_logprobs=batch["old_logprobs"][lo:hi],
+                           ref_logprobs=batch["ref_logprobs"][lo:hi],
+                           old_values=batch["old_values"][lo:hi] if algo == "ppo" else None)
+        ro.advantages, ro.returns = train.compute_advantages(run, ro)
+        stats = train.update(run, ro, step=1)
         results[name] = {
-            "row": train.step_metrics(a, ro, scores, old, ref, values, returns, stats, world),  # the logged row
-            "advantages": train.all_gather_cat(adv),
-            "returns": train.all_gather_cat(returns) if returns is not None else None,
+            "row": train.step_metrics(run, ro) | stats,  # the logged row (timings aside)
+            "advantages": plumbing.all_gather_cat(ro.advantages),
+            "returns": plumbing.all_gather_cat(ro.returns) if ro.returns is not None else None,
             "policy": {n: p.full_tensor().detach().clone() for n, p in policy.named_parameters()},
             "critic": {n: p.full_tensor().detach().clone() for n, p in critic.named_parameters()} if critic else None,
         }
+        results[name]["row"].pop("_tokens")
     if rank == 0:
         torch.save(results, os.path.join(out_dir, f"update_w{world}.pt"))
 
 
+def wrap_collectives(record: list, names: tuple) -> dict:
+    """Replace each torch.distributed collective with a wrapper that records (name, devices of its tensors, caller)."""
+    originals = {}
+    for fn_name in names:
+        original = originals[fn_name] = getattr(dist, fn_name)
+
+        def wrapper(*args, _original=original, _name=fn_name, **kwargs):
+            tensors = [a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)]
+            tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if torch.is_tensor(t)]
+            stack = traceback.extract_stack(limit=4)[:-1]
+            record.append({"fn": _name, "devices": sorted({str(t.device) for t in tensors}),
+                           "caller": [(os.path.basename(f.filename), f.name) for f in stack]})
+            return _original(*args, **kwargs)
+
+        setattr(dist, fn_name, wrapper)
+    return originals
+
+
+COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "_all_gather_base", "broadcast", "all_reduce",
+               "reduce_scatter_tensor", "all_gather_object", "broadcast_object_list", "gather", "scatter", "reduce",
+               "all_to_all_single")
+
+
 def run_generate(model_dir: str, out_dir: str) -> None:
-    """Count gathers with a counting wrapper on each all-gather entry point of torch.distributed (FSDP2 in torch 2.13
+    """Count gathers with a counting wrapper on each collective entry point of torch.distributed (FSDP2 in torch 2.13
     calls dist.all_gather_single; the others are counted too so that a change of entry point cannot hide calls)."""
     from torch.distributed.fsdp import FSDPModule
 
     rank, world, device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-    tok = train.load_tokenizer(model_dir)
-    policy = train.shard(train.load_model("causal", model_dir, torch.float32), False).eval()
+    tok = plumbing.load_tokenizer(model_dir)
+    policy = plumbing.load_sharded("causal", model_dir, torch.float32, device, False)[0]
     n_fsdp_modules = sum(isinstance(m, FSDPModule) for m in policy.modules())
-    counts, originals = {}, {}
-    for fn_name in ("all_gather_single", "all_gather_into_tensor", "all_gather", "_all_gather_base", "broadcast",
-                    "all_reduce", "reduce_scatter_tensor"):
-        original = originals[fn_name] = getattr(dist, fn_name)
-
-        def counting(*args, _original=original, _name=fn_name, **kwargs):
-            counts[_name] = counts.get(_name, 0) + 1
-            return _original(*args, **kwargs)
-
-        setattr(dist, fn_name, counting)
+    calls = []
+    originals = wrap_collectives(calls, COLLECTIVES)
     prompts = ["12+7=", "3+4=", "29+29=", "0+1="]
+    rows = [(p, "0", tok(p)["input_ids"]) for p in prompts]
     out = {"n_fsdp_modules": n_fsdp_modules, "counts": {}, "rollouts": {}}
+    eos = [tok.eos_token_id]
     for T in (2, 8):
-        a = train.Args(max_new_tokens=T, temperature=3.0)  # a hot random model: EOS shows up in some rows only
-        counts.clear()
+        args = train.Args(max_new_tokens=T, temperature=3.0)  # a hot random model: EOS shows up in some rows only
+        run = make_run(args, policy, None, [], tok=tok, eos_ids=eos,
+                       sample_config=plumbing.neutral_generation_config(T, 3.0, eos, tok.pad_token_id))
+        calls.clear()
         torch.manual_seed(1000 + rank)
-        ro = train.generate(policy, tok, prompts, a, device, repeat=4)
-        out["counts"][f"train.generate T={T}"] = dict(counts)
-        out["rollouts"][T] = {k: getattr(ro, k) for k in ("input_ids", "attention_mask", "mask", "n_prompt", "texts",
-                                                           "truncated")}
+        ro = train.sample(run, rows, repeat=4)
+        out["counts"][f"train.sample T={T}"] = count(calls)
+        out["rollouts"][T] = {k: getattr(ro, k) for k in ("input_ids", "attention_mask", "completion_mask", "loss_mask",
+                                                           "n_prompt", "texts", "sampler_logprobs")}
     # the control: transformers' generate straight on the sharded model, forced to 8 tokens, gathers per forward
     ids = tok(prompts, return_tensors="pt", padding=True)
-    counts.clear()
+    calls.clear()
     with torch.no_grad():
         policy.generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    out["counts"]["plain policy.generate T=8"] = dict(counts)
-    all_counts = [None] * world
-    dist.all_gather_object(all_counts, out["counts"])
-    out["counts_per_rank"] = all_counts
+    out["counts"]["plain policy.generate T=8"] = count(calls)
     for fn_name, original in originals.items():
         setattr(dist, fn_name, original)
+    out["counts_per_rank"] = plumbing.all_gather_objects(out["counts"])
     if rank == 0:
         torch.save(out, os.path.join(out_dir, "generate.pt"))
 
 
+def count(calls: list) -> dict:
+    out = {}
+    for c in calls:
+        out[c["fn"]] = out.get(c["fn"], 0) + 1
+    return out
+
+
+def run_collectives(model_dir: str, out_dir: str) -> None:
+    """One PPO and one GRPO step of train.rl_step (rewards, reference, critic, whitening, metrics: every collective
+    path), every torch.distributed collective recorded with the devices of its tensors and its caller."""
+    rank, world, device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+    seen = {}
+    for algo in ("grpo", "ppo"):
+        args = plumbing.fill_model_defaults(train.Args(algo=algo, model=model_dir, prompts_per_step=2, group_size=2,
+                                                       max_new_tokens=4, beta=0.04, out=out_dir), world)
+        tok = plumbing.load_tokenizer(model_dir)
+        eos = [tok.eos_token_id]
+        policy = plumbing.load_sharded("causal", model_dir, torch.float32, device, False)[0]
+        ref = plumbing.load_sharded("causal", model_dir, torch.float32, device, False)[0]
+        critic = plumbing.load_sharded("critic", model_dir, torch.float32, device, False)[0] if algo == "ppo" else None
+        opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (policy, critic) if m is not None]
+        rows = [(p, str(eval(p[:-1])), tok(p)["input_ids"]) for p in ("1+2=", "3+4=", "5+6=", "7+8=")]
+        run = make_run(args, policy, critic, opts, tok=tok, ref=ref, train_rows=rows, eos_ids=eos,
+                       reward_fns=plumbing.load_reward_functions("math"),
+                       sample_config=plumbing.neutral_generation_config(4, 1.0, eos, tok.pad_token_id))
+        calls = []
+        originals = wrap_collectives(calls, COLLECTIVES)
+        try:
+            train.rl_step(run, step=1)
+        finally:
+            for fn_name, original in originals.items():
+                setattr(dist, fn_name, original)
+        seen[algo] = {"calls": calls, "group_device": str(plumbing.group_device())}
+    if rank == 0:
+        torch.save(seen, os.path.join(out_dir, "collectives.pt"))
+
+
 if __name__ == "__main__":
-    train.setup_distributed()
+    plumbing.setup_distributed()
     for job in sys.argv[1].split(","):
-        {"update": run_update, "generate": run_generate}[job](*sys.argv[2:])
+        {"update": run_update, "generate": run_generate, "collectives": run_collectives}[job](*sys.argv[2:])
     dist.barrier()
     dist.destroy_process_group()

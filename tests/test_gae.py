@@ -1,5 +1,7 @@
 """GAE invariants: padded batch == naive per-sequence loop; λ = 0 is TD(0); λ = 1 is Monte-Carlo return − V."""
 
+import math
+
 import pytest
 import torch
 
@@ -72,3 +74,41 @@ def test_no_grad_flows_into_values():
     values = torch.randn(2, 4, requires_grad=True)
     A, R = compute_gae(torch.randn(2, 4), values)
     assert not A.requires_grad and not R.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("value", [1.2, 0.7, -3.3, 1e6 + 0.1, 1e-7])
+def test_whiten_constant_input_is_exact(value, dtype):
+    """Catches whitening in the input dtype: a float32 mean of equal 1.2s is inexact, and the residual ±1e-7 divided
+    by std ≈ 1e-7 + 1e-8 gave ±O(1) garbage; shift_mean=False gave x/1e-8."""
+    x = torch.full((3, 5), value, dtype=dtype)
+    mask = torch.ones(3, 5)
+    mask[1, 3:] = 0
+    assert torch.equal(whiten(x, mask), torch.zeros_like(x))
+    kept = whiten(x, mask, shift_mean=False)
+    assert kept.dtype == dtype
+    assert torch.equal(kept[mask.bool()], x[mask.bool()]) and torch.all(kept[~mask.bool()] == 0)
+
+
+def test_whiten_shift_mean_false_keeps_the_mean():
+    """(x − mean)/(std + ε) + mean, TRL's semantics; catches the old "x/(std + ε)" (rescale only, mean not kept)."""
+    x = torch.tensor([[1.0, 2.0, 6.0, 99.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.float64)
+    mean = 3.0
+    std = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)  # Bessel: sqrt(14/2)
+    expected = [(v - mean) / (std + 1e-8) + mean for v in (1.0, 2.0, 6.0)] + [0.0]
+    torch.testing.assert_close(whiten(x, mask, shift_mean=False), torch.tensor([expected], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gae_upcasts_half_precision(dtype):
+    """Catches a recursion run in bf16/fp16: 64 terminal-reward steps of 0.3 + 0.99·(...) drift by > 1e-3 in bf16."""
+    T = 64
+    rewards = torch.zeros(1, T)
+    rewards[0, -1] = 1.0
+    values = torch.full((1, T), 0.3)
+    A, R = compute_gae(rewards.to(dtype), values.to(dtype), gamma=0.99, lam=0.97)
+    assert A.dtype == torch.float32 and R.dtype == torch.float32
+    adv, ret = naive_gae(rewards[0].tolist(), values.to(dtype).float()[0].tolist(), 0.99, 0.97)
+    torch.testing.assert_close(A[0], torch.tensor(adv), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(R[0], torch.tensor(ret), rtol=1e-6, atol=1e-6)

@@ -1,12 +1,16 @@
-"""GRPO: group advantages, the baseline argument by exact enumeration, KL estimators by exact expectation, the loss."""
+"""GRPO: group advantages, the baseline argument by exact enumeration, KL estimators and their gradients by exact
+expectation, the loss (built from ppo.clipped_surrogate_loss, the one surrogate of both algorithms)."""
 
 import itertools
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 
-from grpo import LOSS_AGGREGATIONS, aggregate_loss, group_advantages, grpo_loss, kl_k1, kl_k2, kl_k3
+from grpo import (KL_ESTIMATORS, LOSS_AGGREGATIONS, aggregate_loss, degenerate_groups, group_advantages, grpo_loss,
+                  kl_k1, kl_k2, kl_k3)
+from ppo import clipped_surrogate_loss
 
 
 def test_group_advantages_hand_values():
@@ -109,9 +113,8 @@ def naive_grpo_loss(logp, old, ref, adv, lengths, eps, beta, mode, L_max):
             "seq-mean-token-sum-norm": total / (len(lengths) * L_max)}[mode]
 
 
-@pytest.mark.parametrize("mode", LOSS_AGGREGATIONS)
-def test_grpo_loss_equals_naive_loop(mode):
-    g = torch.Generator().manual_seed(4)
+def loss_inputs(seed=4):
+    g = torch.Generator().manual_seed(seed)
     B, T = 4, 7
     lengths = [7, 3, 5, 1]
     mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).double()
@@ -119,16 +122,50 @@ def test_grpo_loss_equals_naive_loop(mode):
     logp = old + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
     ref = old + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
     adv = torch.randn(B, generator=g, dtype=torch.float64)
-    out = grpo_loss(logp, old, adv, mask, ref_logprobs=ref, eps=0.2, beta=0.04, loss_agg=mode, max_len=10)
+    return logp, old, ref, adv, mask, lengths
+
+
+@pytest.mark.parametrize("mode", LOSS_AGGREGATIONS)
+def test_grpo_loss_equals_naive_loop(mode):
+    logp, old, ref, adv, mask, lengths = loss_inputs()
+    pg = clipped_surrogate_loss(logp, old, adv[:, None], eps=0.2)  # (B, T) A_i broadcast to every token
+    out = grpo_loss(pg, logp, ref, mask, beta=0.04, loss_agg=mode, max_len=10)
     expected = naive_grpo_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), lengths, 0.2, 0.04, mode, 10)
     assert abs(out["loss"].item() - expected) < 1e-12
+    no_kl = naive_grpo_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), lengths, 0.2, 0.0, mode, 10)
+    assert abs(out["policy_loss"].item() - no_kl) < 1e-12 and not out["policy_loss"].requires_grad
+    assert abs(out["kl"].item() - (expected - no_kl) / 0.04) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["k1", "k2", "k3"])
+def test_grpo_loss_kl_estimator_choice(name):
+    """Catches a kl_estimator argument that is ignored (always k3): the "kl" key must be the chosen estimator's mean."""
+    logp, old, ref, adv, mask, lengths = loss_inputs(6)
+    pg = clipped_surrogate_loss(logp, old, adv[:, None])
+    out = grpo_loss(pg, logp, ref, mask, beta=0.1, kl_estimator=name, loss_agg="token-mean")
+    lp, lq = logp.tolist(), ref.tolist()
+    hand = {"k1": lambda a, b: a - b, "k2": lambda a, b: 0.5 * (a - b) ** 2,
+            "k3": lambda a, b: math.exp(b - a) - (b - a) - 1}[name]
+    vals = [hand(lp[i][t], lq[i][t]) for i, L in enumerate(lengths) for t in range(L)]
+    assert abs(out["kl"].item() - sum(vals) / len(vals)) < 1e-12
+    assert KL_ESTIMATORS[name] is {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}[name]
+    with pytest.raises(ValueError, match="unknown kl_estimator"):
+        grpo_loss(pg, logp, ref, mask, kl_estimator="k4")
 
 
 def test_grpo_ratio_one_is_minus_mean_advantage():
     adv = torch.tensor([1.5, -0.5, 0.25])
     logp = torch.randn(3, 4)
-    out = grpo_loss(logp, logp.clone(), adv, torch.ones(3, 4), beta=0.0)
+    pg = clipped_surrogate_loss(logp, logp.clone(), adv[:, None])
+    out = grpo_loss(pg, logp, None, torch.ones(3, 4), beta=0.0)
     assert torch.isclose(out["loss"], -adv.mean())
+    assert "kl" not in out
+
+
+def test_dr_grpo_requires_max_len():
+    """Catches the old silent fallback to the padded width T (which changes with the batch, so is no constant)."""
+    with pytest.raises(ValueError, match="max_len"):
+        aggregate_loss(torch.ones(2, 3), torch.ones(2, 3), "seq-mean-token-sum-norm")
 
 
 def test_split_across_ranks_matches_global():
@@ -144,3 +181,132 @@ def test_split_across_ranks_matches_global():
         assert torch.isclose(whole, sum(halves) / 2)
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         aggregate_loss(per_token, mask, "bogus")
+
+
+INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+VALUES = [0.0, 1.0, 1.2, 0.7, -3.3, 1e-3, 123.456, 1e6 + 0.1]
+SIZES = [2, 3, 4, 8, 16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_equal_rewards_give_exactly_zero(dtype):
+    """Catches statistics taken in the input dtype: float32 mean of eight 1.2s is inexact and A came out +0.1057
+    for all eight (std ~1e-7 is not hidden by ε = 1e-6)."""
+    for value in VALUES:
+        for G in SIZES:
+            r = torch.full((3, G), value, dtype=dtype)
+            for scale in (True, False):
+                A = group_advantages(r, scale=scale)
+                assert A.dtype == dtype and torch.equal(A, torch.zeros_like(A)), (value, G, scale)
+            assert torch.all(degenerate_groups(r))
+
+
+def exact_advantages(r, eps):
+    """(R − mean)/(std + ε) from the exact inputs: mean and variance in rational arithmetic, one final sqrt."""
+    R = [Fraction(x) for x in r]
+    mean = sum(R) / len(R)
+    var = sum((x - mean) ** 2 for x in R) / (len(R) - 1)
+    std = math.sqrt(var)
+    return [float(x - mean) / (std + eps) for x in R]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_last_bit_differences_follow_the_exact_formula(dtype):
+    """Rewards one or two ulps apart: the result equals the exact-arithmetic formula (to the output dtype's rounding),
+    averages to zero and keeps the rewards' order. Catches unshifted statistics in the input dtype (the mean's rounding
+    error is as large as the differences) and a degenerate-group test with a tolerance (std < 1e-6 → 0) that drops
+    real signal (both confirmed by breaking the code)."""
+    tol = {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2}[dtype]
+    offsets = [0, 1, 0, 2, 1, 0, 2, 1, 0, 1, 2, 0, 1, 0, 0, 2]
+    for value in VALUES[1:]:
+        for G in SIZES:
+            base = torch.full((G,), value, dtype=dtype).view(INT_VIEW[dtype])
+            r = (base + torch.tensor(offsets[:G], dtype=base.dtype)).view(dtype)[None]  # (1, G) neighbours in ulps
+            A = group_advantages(r)
+            exact = exact_advantages([float(x) for x in r[0].tolist()], 1e-6)
+            scale = max(abs(a) for a in exact)
+            assert scale > 0 and not degenerate_groups(r).item()
+            assert all(abs(a - e) <= tol * scale for a, e in zip(A[0].double().tolist(), exact)), (value, G)
+            assert abs(A.double().sum().item()) <= G * tol * scale  # zero group mean
+            for i, j in itertools.permutations(range(G), 2):
+                if r[0, i] > r[0, j]:
+                    assert A[0, i] > A[0, j]
+
+
+def test_valid_mask_hand_values():
+    """Invalid members get 0 and stay out of the statistics. Catches masking the output only (the 100 would move the
+    mean) and a NaN reward in an invalid slot leaking through the arithmetic."""
+    r = torch.tensor([[1.0, 2.0, 3.0, 100.0], [5.0, 7.0, 7.0, 7.0], [4.0, float("nan"), 9.0, 9.0]])
+    valid = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 0, 0, 0]]).bool()
+    A = group_advantages(r, valid=valid)
+    # row 0: mean 2, Bessel std 1 → ∓1/(1+ε); row 1: valid rewards all 7 → 0; row 2: one valid member → 0
+    e = 1 / (1 + 1e-6)
+    torch.testing.assert_close(A, torch.tensor([[-e, 0.0, e, 0.0], [0.0] * 4, [0.0] * 4]))
+    assert degenerate_groups(r, valid).tolist() == [False, True, True]
+    torch.testing.assert_close(group_advantages(r[:1], scale=False, valid=valid[:1]), torch.tensor([[-1.0, 0, 1, 0]]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_degenerate_groups_are_exactly_the_zero_advantage_groups(dtype):
+    """frac_reward_zero_std must count exactly the groups with A ≡ 0; catches a count from float std == 0 (which
+    misses the inexact-mean groups) or one that ignores the valid mask."""
+    g = torch.Generator().manual_seed(7)
+    r = (torch.randint(0, 2, (400, 4), generator=g) * 0.3 + 1.2).to(dtype)  # many all-equal groups
+    valid = torch.rand(400, 4, generator=g) > 0.3
+    for v in (None, valid):
+        deg = degenerate_groups(r, v)
+        assert torch.equal(deg, (group_advantages(r, valid=v) == 0).all(-1))
+        assert 0 < deg.sum() < 400
+
+
+def kl_grads(theta, log_ref, k, weights):
+    """Σ_a w(a)·∇_θ k(a; θ): the expected gradient with the sampling weights w held fixed (detached)."""
+    logp = torch.log_softmax(theta, 0)
+    (g,) = torch.autograd.grad((weights.detach() * k(logp, log_ref)).sum(), theta)
+    return g
+
+
+def true_kl_grads(theta, log_ref):
+    logp = torch.log_softmax(theta, 0)
+    (fwd,) = torch.autograd.grad((logp.exp() * (logp - log_ref)).sum(), theta, retain_graph=True)  # ∇KL(π_θ ‖ π_ref)
+    (rev,) = torch.autograd.grad((log_ref.exp() * (log_ref - logp)).sum(), theta)  # ∇KL(π_ref ‖ π_θ)
+    return fwd, rev
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kl_gradients_by_exact_enumeration(seed):
+    """E_{a∼π_θ}[∇k1] = 0, E[∇k2] = ∇KL(π_θ‖π_ref), E[∇k3] = ∇KL(π_ref‖π_θ), over a 6-token vocabulary.
+
+    Catches k2 without its ½ (gradient 2·∇KL), k3 written with the ratio inverted (π_θ/π_ref − log(π_θ/π_ref) − 1,
+    whose gradient is not ∇KL(π_ref‖π_θ)); a sign-flipped k1 (same zero gradient) is caught by the hand value k1 = 1.
+    """
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(6, generator=g, dtype=torch.float64).requires_grad_(True)
+    log_ref = torch.log_softmax(torch.randn(6, generator=g, dtype=torch.float64), 0)
+    p = torch.softmax(theta, 0)  # the sampling distribution π_θ
+    fwd, rev = true_kl_grads(theta, log_ref)
+    assert (fwd - rev).norm() > 0.05 * fwd.norm()  # the two directions really differ here
+    torch.testing.assert_close(kl_grads(theta, log_ref, kl_k1, p), torch.zeros(6, dtype=torch.float64))
+    torch.testing.assert_close(kl_grads(theta, log_ref, kl_k2, p), fwd)
+    torch.testing.assert_close(kl_grads(theta, log_ref, kl_k3, p), rev)
+    assert kl_k1(torch.tensor(-1.0), torch.tensor(-2.0)).item() == 1.0
+    assert kl_k2(torch.tensor(-1.0), torch.tensor(-2.0)).item() == 0.5
+
+
+def test_kl_gradients_off_policy():
+    """Samples from π_θold ≠ π_θ (every minibatch after the first): E_{π_θold}[∇k] = ∇_θ E_{a∼π_θold}[k(a; θ)] is not
+    the on-policy gradient except at θ = θold; the detached importance weight ρ = π_θ/π_θold recovers it exactly.
+    Catches a claim (or an implementation) that the KL term's gradient is unaffected by reusing rollouts."""
+    g = torch.Generator().manual_seed(3)
+    theta_old = torch.randn(6, generator=g, dtype=torch.float64)
+    theta = (theta_old + 0.5 * torch.randn(6, generator=g, dtype=torch.float64)).requires_grad_(True)
+    log_ref = torch.log_softmax(torch.randn(6, generator=g, dtype=torch.float64), 0)
+    p_old, p = torch.softmax(theta_old, 0), torch.softmax(theta, 0)
+    fwd, rev = true_kl_grads(theta, log_ref)
+    for k, on_policy in ((kl_k2, fwd), (kl_k3, rev)):
+        off = kl_grads(theta, log_ref, k, p_old)
+        assert (off - on_policy).norm() > 0.05 * on_policy.norm()
+        torch.testing.assert_close(kl_grads(theta, log_ref, k, p_old * (p / p_old)), on_policy)  # ρ-weighted
+        at_old = theta_old.clone().requires_grad_(True)
+        torch.testing.assert_close(kl_grads(at_old, log_ref, k, p_old), true_kl_grads(at_old, log_ref)[k is kl_k3])

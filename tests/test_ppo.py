@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ppo import (approx_kl, clip_fraction, clipped_surrogate_loss, entropy_from_logits, explained_variance,
-                 kl_shaped_rewards, ppo_loss, value_loss)
+from ppo import (adaptive_kl_beta, approx_kl, clip_fraction, clipped_surrogate_loss, entropy_from_logits,
+                 explained_variance, kl_early_stop, kl_shaped_rewards, ppo_loss, value_loss)
 
 EPS = 0.2
 # (ratio, advantage, gradient is zero?) — document 002, "Understanding the Per-Token Surrogate":
@@ -96,12 +96,17 @@ def test_explained_variance_matches_numpy():
 
 
 def test_approx_kl_and_clipfrac():
+    """Uneven log-ratios {0.3, −0.1, 0.7}: catches approx_kl with its arguments swapped (k3 of the reverse ratio,
+    e^{−x} − 1 + x, gives 0.0806 instead of 0.1206 here); symmetric ratios {0, ±0.5} could not tell them apart."""
     old = torch.zeros(1, 3, dtype=torch.float64)
-    logp = torch.tensor([[0.0, 0.5, -0.5]], dtype=torch.float64)
+    logp = torch.tensor([[0.3, -0.1, 0.7]], dtype=torch.float64)
     mask = torch.ones(1, 3)
-    expected = sum(math.exp(x) - 1 - x for x in [0.0, 0.5, -0.5]) / 3
+    expected = sum(math.exp(x) - 1 - x for x in [0.3, -0.1, 0.7]) / 3  # E[(ρ − 1) − log ρ], log ρ = logp − old
+    swapped = sum(math.exp(-x) - 1 + x for x in [0.3, -0.1, 0.7]) / 3
+    assert abs(expected - swapped) > 0.03
     assert math.isclose(approx_kl(logp, old, mask).item(), expected, rel_tol=1e-12)
-    ratio = logp.exp()
+    sym = torch.tensor([[0.0, 0.5, -0.5]], dtype=torch.float64)
+    ratio = sym.exp()
     # ρ = e^0.5 > 1.2 with A > 0 is clipped; ρ = e^-0.5 < 0.8 with A > 0 is not (gradient still flows)
     assert clip_fraction(ratio, torch.ones(1, 3), mask).item() == pytest.approx(1 / 3)
 
@@ -116,3 +121,97 @@ def test_ppo_loss_global_normaliser_split():
     halves = [ppo_loss(*(a[s] for a in args[:3]), mask[s], values=args[3][s], returns=args[4][s], num_tokens=n)["loss"]
               for s in (slice(0, 2), slice(2, 4))]
     assert torch.isclose(whole, sum(halves) / 2)
+
+
+def test_ppo_loss_parts_by_hand():
+    """Every part of ppo_loss against a hand computation with uneven log-ratios and non-default coefficients.
+
+    Catches: a flipped entropy sign (+c_h·H), dropped old_values/value_clip (unclipped value loss), a hard-coded
+    or wrong vf_coef (0.5 instead of 0.7), eps_high/dual_clip not passed through to the surrogate.
+    """
+    logr = [0.3, -0.4, 0.1, 0.25]  # log ρ
+    adv = [1.0, -2.0, 0.5, -1.5]
+    V, R, V_old = [1.0, 0.2, -0.5, 0.9], [0.4, 0.5, -0.3, 2.0], [0.8, 0.5, -0.45, 0.5]
+    H = [2.0, 1.5, 0.5, 3.0]
+    eps, eps_high, c, vf, ent, vclip = 0.2, 0.28, 1.2, 0.7, 0.03, 0.1
+    pg = []
+    for x, a in zip(logr, adv):
+        rho = math.exp(x)
+        li = -min(rho * a, min(max(rho, 1 - eps), 1 + eps_high) * a)
+        pg.append(min(li, -c * a) if a < 0 else li)
+    vl = [max((v - r) ** 2, (vo + min(max(v - vo, -vclip), vclip) - r) ** 2) for v, r, vo in zip(V, R, V_old)]
+    # hand: ρ = [1.3499, 0.6703, 1.1052, 1.2840]; token 0 clipped at 1.28 → −1.28; token 1: −2·max(0.6703, 0.8)
+    # → 1.6; token 3: A<0, ρ = 1.284 → loss 1.926, dual clip caps at 1.2·1.5 = 1.8
+    assert math.isclose(pg[0], -1.28) and math.isclose(pg[1], 1.6) and math.isclose(pg[3], 1.8)
+    # V_clip = [0.9, 0.2, -0.5, 0.6]: token 0 max(0.36, 0.25) = 0.36; token 3 max(1.21, 1.96) = 1.96
+    assert math.isclose(vl[3], 1.96) and vl[3] > (V[3] - R[3]) ** 2
+    policy, value, entropy = sum(pg) / 4, sum(vl) / 4, sum(H) / 4
+    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    out = ppo_loss(t(logr), torch.zeros(1, 4, dtype=torch.float64), t(adv), torch.ones(1, 4), values=t(V), returns=t(R),
+                   old_values=t(V_old), entropy=t(H), eps=eps, eps_high=eps_high, dual_clip=c, vf_coef=vf,
+                   ent_coef=ent, value_clip=vclip)
+    assert math.isclose(out["policy_loss"].item(), policy, rel_tol=1e-12)
+    assert math.isclose(out["value_loss"].item(), value, rel_tol=1e-12)
+    assert math.isclose(out["entropy"].item(), entropy, rel_tol=1e-12)
+    # L = −J_PPO + c_v L_V − c_h H
+    assert math.isclose(out["loss"].item(), policy + vf * value - ent * entropy, rel_tol=1e-12)
+    assert out["clipfrac"].item() == pytest.approx(2 / 4)  # token 0 (ρ > 1.28, A > 0), token 1 (ρ < 0.8, A < 0)
+
+
+def test_surrogate_validates_clip_arguments():
+    """Catches a silent dual_clip ≤ 1 (which would cap even in-band tokens) and an inverted asymmetric range."""
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        clipped_surrogate_loss(x, x, x, dual_clip=1.0)
+    with pytest.raises(ValueError, match="eps_high >= eps_low > 0"):
+        clipped_surrogate_loss(x, x, x, eps_low=0.3, eps_high=0.2)
+    with pytest.raises(ValueError, match="eps_high >= eps_low > 0"):
+        clipped_surrogate_loss(x, x, x, eps=0.0)
+
+
+def test_value_clip_without_old_values_raises():
+    """Catches the old behaviour: clip set but old_values None silently skipped the clipping."""
+    with pytest.raises(ValueError, match="old_values"):
+        value_loss(torch.zeros(3), torch.ones(3), clip=0.2)
+
+
+def test_kl_shaped_rewards_left_and_right_padding():
+    """The score lands on the last real token on either padding side; catches "last = Σ m − 1" (right padding only),
+    which puts a left-padded row's score on a padding position."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -0.7], [-0.3, -0.1, -0.2, -0.4], [-1.0, -1.0, -1.0, -1.0]])
+    ref = torch.zeros(3, 4)
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]])  # left-padded, right-padded, empty
+    scores = torch.tensor([2.0, -1.0, 5.0])
+    r = kl_shaped_rewards(scores, logp, ref, mask, beta=0.5)
+    expected = torch.tensor([[0.0, 0.0, 0.25, 0.35 + 2.0], [0.15, 0.05, 0.1 - 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(r, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("value", [1.2, 0.7, -3.3, 123.456])
+def test_explained_variance_constant_returns_is_nan(value, dtype):
+    """Catches statistics in the input dtype: a float32 mean of equal returns is inexact, Var[R] came out ~1e-14 > 0
+    and explained_variance a huge garbage number instead of NaN."""
+    R = torch.full((2, 7), value, dtype=dtype)
+    V = torch.linspace(-1, 1, 14, dtype=dtype).reshape(2, 7)
+    assert math.isnan(explained_variance(V, R, torch.ones(2, 7)).item())
+
+
+def test_kl_early_stop_rule():
+    """Catches ≥ instead of > and a stop when no target is set."""
+    assert kl_early_stop(0.021, 0.02) is True
+    assert kl_early_stop(0.02, 0.02) is False  # equal is not "exceeds"
+    assert kl_early_stop(0.5, None) is False  # no target: never stop
+
+
+def test_adaptive_kl_beta_by_hand():
+    """Ziegler et al. 2019: e = clip(KL/KL_target − 1, ±0.2), β ← β(1 + e·n/H). Catches a missing clip, a missing
+    n/H gain, and a flipped sign (β must grow when KL is above target)."""
+    # KL/target = 1.5 → e = 0.5 clipped to 0.2; K = 256/10000 = 0.0256; β = 0.1·(1 + 0.00512) = 0.100512
+    assert math.isclose(adaptive_kl_beta(0.1, kl=0.15, kl_target=0.1, horizon=10000, n_samples=256), 0.100512)
+    # KL/target = 0.9 → e = −0.1; β = 0.1·(1 − 0.00256) = 0.099744
+    assert math.isclose(adaptive_kl_beta(0.1, kl=0.09, kl_target=0.1, horizon=10000, n_samples=256), 0.099744)
+    # KL = 0 → e = −1 clipped to −0.2; n = H: β = 0.05·0.8 = 0.04
+    assert math.isclose(adaptive_kl_beta(0.05, kl=0.0, kl_target=6.0, horizon=512, n_samples=512), 0.04)
+    with pytest.raises(ValueError):
+        adaptive_kl_beta(0.1, kl=0.1, kl_target=0.0, horizon=10, n_samples=1)

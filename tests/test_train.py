@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import plumbing
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def tiny_dir(tmp_path_factory) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = tmp_path_factory.mktemp("tiny_llama")
-    tok = train.make_char_tokenizer()
+    tok = plumbing.make_char_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=False,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -119,11 +120,11 @@ def tiny_gpt2(tok):
 
 @pytest.mark.parametrize("arch,temperature", [("llama", 1.0), ("llama", 0.7), ("gpt2", 0.7)])
 def test_sequence_logprobs_match_a_per_position_loop(tiny_dir, arch, temperature):
-    tok = train.load_tokenizer(tiny_dir)
+    tok = plumbing.load_tokenizer(tiny_dir)
     model = plain_model(tiny_dir) if arch == "llama" else tiny_gpt2(tok)
     ids, att, mask = fixed_rollout(tok)
     with torch.no_grad():
-        logprobs, entropy = train.sequence_logprobs(model, ids, att, P, temperature, with_entropy=True)  # (B, T)
+        logprobs, entropy = train.sequence_logprobs(model, ids, att, P, temperature)  # (B, T)
         lps, ents, unshifted = per_position_logprobs(model, ids, att, mask, temperature)
     assert logprobs.shape == entropy.shape == (len(PROMPT_LENS), T)
     for i, (lp, ent) in enumerate(zip(lps, ents)):
@@ -153,45 +154,70 @@ class FakePolicy(torch.nn.Module):
         self.calls.append(kw)
         return torch.cat([input_ids, self.completions], 1)
 
+    def modules(self):
+        return iter([self])
 
-def test_generate_mask_runs_through_the_first_eos(tiny_dir):
-    tok = train.load_tokenizer(tiny_dir)
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo group of one in this process (train.sample takes a global max over ranks), torn down after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def fake_run(tok, policy, max_new_tokens: int, temperature: float, **args) -> train.Run:
+    eos = [tok.eos_token_id]
+    return train.Run(train.Args(max_new_tokens=max_new_tokens, temperature=temperature, **args), 0, 1, torch.device("cpu"),
+                     tok, policy, None, None, None, None, [], [], [], [], sample_config=plumbing.neutral_generation_config(
+                         max_new_tokens, temperature, eos, tok.pad_token_id), greedy_config=plumbing.neutral_generation_config(
+                         max_new_tokens, None, eos, tok.pad_token_id), eos_ids=eos, hf_generation_config=None, beta=0.0)
+
+
+def rows_of(tok, prompts: list[str]) -> list:
+    return [(p, "0", tok(p)["input_ids"]) for p in prompts]
+
+
+def test_sample_mask_runs_through_the_first_eos(tiny_dir, one_process_group):
+    tok = plumbing.load_tokenizer(tiny_dir)
     E, pad = tok.eos_token_id, tok.pad_token_id
     d = tok.convert_tokens_to_ids(list("123"))
-    a = train.Args(max_new_tokens=5, temperature=0.9)
     rows = [[d[0], d[1], E, d[2], d[2]],  # EOS in the middle, tokens after it
             [E, d[0], E, d[1], d[1]],  # two EOS: the first one ends it
             [d[0], d[1], d[2], d[0], d[1]],  # no EOS: truncated
             [d[2], d[2], d[2], d[2], E]]  # EOS on the last allowed token: not truncated
     policy = FakePolicy(rows)
-    ro = train.generate(policy, tok, ["1+2=", "13+4=", "7+7=", "0+0="], a, "cpu")
-    assert ro.mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
-    assert ro.truncated.tolist() == [False, False, True, False]
+    ro = train.sample(fake_run(tok, policy, 5, 0.9, mask_truncated=True), rows_of(tok, ["1+2=", "13+4=", "7+7=", "0+0="]))
+    assert ro.completion_mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert ro.loss_mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]  # truncated: out
     assert ro.texts == ["12", "", "12312", "3333"]
     assert ro.input_ids[:, ro.n_prompt :].tolist() == [[d[0], d[1], E, pad, pad], [E, pad, pad, pad, pad], rows[2], rows[3]]
     assert ro.n_prompt == 5 and ro.attention_mask[:, ro.n_prompt :].eq(1).all()
     assert ro.attention_mask[1, : ro.n_prompt].tolist() == [1, 1, 1, 1, 1] and ro.attention_mask[0, 0] == 0  # left pad
-    assert policy.calls[0]["max_new_tokens"] == 5 and policy.calls[0]["eos_token_id"] == E
-    assert policy.calls[0]["do_sample"] and policy.calls[0]["temperature"] == 0.9
-    # transformers stops early once every row has finished: the completion comes back shorter than T; greedy, repeat
-    policy = FakePolicy([[d[0], E, pad], [d[0], E, pad], [E, pad, pad], [E, pad, pad]])
-    ro = train.generate(policy, tok, ["1+2=", "3+4="], a, "cpu", greedy=True, repeat=2)
-    assert ro.mask.tolist() == [[1, 1, 0, 0, 0]] * 2 + [[1, 0, 0, 0, 0]] * 2
-    assert ro.input_ids.shape == (4, ro.n_prompt + 5) and ro.truncated.tolist() == [False] * 4
+    config = policy.calls[0]["generation_config"]
+    assert config.max_new_tokens == 5 and config.eos_token_id == [E] and config.do_sample and config.temperature == 0.9
+    # transformers stops early once every row has finished: the completion comes back shorter; greedy, repeat
+    policy = FakePolicy([[d[0], E], [d[0], E], [E, pad], [E, pad]])
+    ro = train.sample(fake_run(tok, policy, 5, 0.9), rows_of(tok, ["1+2=", "3+4="]), greedy=True, repeat=2)
+    assert ro.completion_mask.tolist() == [[1, 1]] * 2 + [[1, 0]] * 2  # trimmed to the longest completion
+    assert ro.input_ids.shape == (4, ro.n_prompt + 2) and ro.loss_mask.tolist() == ro.completion_mask.tolist()
     assert ro.input_ids[0, : ro.n_prompt].tolist() == ro.input_ids[1, : ro.n_prompt].tolist()  # repeat_interleave
-    assert policy.calls[0]["do_sample"] is False
+    assert policy.calls[0]["generation_config"].do_sample is False
 
 
 def rollout_invariants(ro: dict, tok) -> None:
-    """A generate() rollout checked row by row: the mask is a prefix of ones ending at the first EOS, or all ones
-    and truncated when no EOS; completion tokens after the mask are pad; the text is the decoded part before EOS."""
+    """A sample() rollout checked row by row: the mask is a prefix of ones ending at the first EOS, or all ones when
+    no EOS (truncated); completion tokens after the mask are pad; the text is the decoded part before EOS."""
     comp = ro["input_ids"][:, ro["n_prompt"] :]
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    for row, m, trunc, text in zip(comp.tolist(), ro["mask"].tolist(), ro["truncated"].tolist(), ro["texts"]):
+    for row, m, text in zip(comp.tolist(), ro["completion_mask"].tolist(), ro["texts"]):
         n = int(sum(m))
+        trunc = row[n - 1] != eos
         assert m == [1.0] * n + [0.0] * (len(m) - n) and n >= 1
         assert eos not in row[: n - 1]
-        assert trunc == (row[n - 1] != eos) and (not trunc or n == len(m))
+        assert not trunc or n == len(m)
         assert row[n:] == [pad] * (len(m) - n)
         assert text == tok.decode(row[: n if trunc else n - 1], skip_special_tokens=True)
 
@@ -200,9 +226,10 @@ def rollout_invariants(ro: dict, tok) -> None:
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tiny_dir, tmp_path_factory) -> tuple[Path, dict]:
-    """A fixed batch through tests/_dist_worker.py: `update` on 1 rank; `update` and `generate` on 2 ranks (one launch)."""
+    """A fixed batch through tests/_dist_worker.py: `update` on 1 rank; `update`, `generate` and `collectives` on 2
+    ranks (one launch)."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    model, tok = plain_model(tiny_dir), train.load_tokenizer(tiny_dir)
+    model, tok = plain_model(tiny_dir), plumbing.load_tokenizer(tiny_dir)
     ids, att, mask = fixed_rollout(tok)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -215,7 +242,7 @@ def fsdp_runs(tiny_dir, tmp_path_factory) -> tuple[Path, dict]:
                  critic_head=0.3 * torch.randn(1, 32, generator=g))
     torch.save(batch, tmp / "batch.pt")
     run([WORKER, "update", tiny_dir, str(tmp)], tmp, nproc=1)
-    run([WORKER, "update,generate", tiny_dir, str(tmp)], tmp, nproc=2)
+    run([WORKER, "update,generate,collectives", tiny_dir, str(tmp)], tmp, nproc=2)
     return tmp, batch
 
 
@@ -225,17 +252,18 @@ def test_generate_gathers_parameters_once_per_rollout(tiny_dir, fsdp_runs):
     assert out["n_fsdp_modules"] == n_modules
     for counts in out["counts_per_rank"]:
         for T_ in (2, 8):
-            c = dict(counts[f"train.generate T={T_}"])
-            # transformers turns on synced_gpus for FSDP modules: one 1-element "still running?" all_reduce per step
-            assert c.pop("all_reduce", 0) <= T_ + 1
+            c = dict(counts[f"train.sample T={T_}"])
+            # one all_reduce: the longest completion over ranks (train.sample pads every rank's batch to it)
+            assert c.pop("all_reduce", 0) == 1
             # FSDP2 (torch 2.13) all-gathers through dist.all_gather_single: one per FSDP module, independent of T
             assert c == {"all_gather_single": n_modules}
         # the control: without train.unsharded each of the 2 blocks is gathered again for each of the 8 forwards
         assert counts["plain policy.generate T=8"]["all_gather_single"] >= 8 * 2
-    tok = train.load_tokenizer(tiny_dir)
+    tok = plumbing.load_tokenizer(tiny_dir)
     for T_ in (2, 8):
         rollout_invariants(out["rollouts"][T_], tok)
-    truncated = out["rollouts"][8]["truncated"]
+    ro = out["rollouts"][8]
+    truncated = ro["completion_mask"].all(1) & (ro["input_ids"][:, -1] != tok.eos_token_id)
     assert truncated.any() and not truncated.all()  # both branches of the mask were exercised
 
 
@@ -271,8 +299,76 @@ def grpo_reference_update(tiny_dir: str, batch: dict, loss_agg: str, max_grad_no
     return loss.item(), dict(model.named_parameters())
 
 
+def ppo_reference_update(tiny_dir: str, batch: dict, minibatches: list, lr: float, critic_lr: float):
+    """PPO typed out again for one unsharded policy and critic, one sequence at a time, plain SGD: KL-shaped rewards,
+    GAE, global whitening, then for each minibatch (a list of row numbers, in the order the trainer takes them) the
+    clipped surrogate, minus c_h·entropy, plus c_v × the value loss clipped around V_old, with the critic read at
+    position P + t − 1. Returns the mean loss over the minibatches and both models' parameters after the last step.
+
+    Catches: the entropy bonus added with the wrong sign; old_values or value_clip dropped on the way to the value loss;
+    the critic read at the wrong position; a wrong vf_coef; whitening per rank instead of globally."""
+    from transformers import AutoModelForTokenClassification
+
+    policy = plain_model(tiny_dir)
+    critic = AutoModelForTokenClassification.from_pretrained(tiny_dir, num_labels=1, dtype=torch.float32).eval()
+    with torch.no_grad():
+        critic.score.weight.copy_(batch["critic_head"])
+        critic.score.bias.zero_() if critic.score.bias is not None else None
+    ids, att, mask = batch["input_ids"], batch["attention_mask"], batch["mask"]
+    old, ref, v_old = batch["old_logprobs"], batch["ref_logprobs"], batch["old_values"]
+    lengths = [int(m.sum()) for m in mask]
+    adv, ret = [], []
+    for i, c in enumerate(lengths):
+        # r_t = −β (log π_old − log π_ref), + R at the last token
+        r = [-BETA * (old[i, t] - ref[i, t]).item() + (SCORES[i] if t == c - 1 else 0.0) for t in range(c)]
+        v = v_old[i, :c].tolist() + [0.0]
+        delta = [r[t] + 1.0 * v[t + 1] - v[t] for t in range(c)]  # γ = 1
+        a = [sum((1.0 * 0.95) ** k * delta[t + k] for k in range(c - t)) for t in range(c)]  # λ = 0.95
+        adv.append(a)
+        ret.append([a[t] + v[t] for t in range(c)])
+    flat = [x for a in adv for x in a]
+    mean, std = statistics.mean(flat), statistics.stdev(flat)
+    adv = [[(x - mean) / (std + 1e-8) for x in a] for a in adv]
+    losses = []
+    for rows in minibatches:
+        n_tok = sum(lengths[i] for i in rows)
+        lps, ents, _ = per_position_logprobs(policy, ids[rows], att[rows], mask[rows], TEMPERATURE)
+        loss = 0.0
+        for (i, lp, ent) in zip(rows, lps, ents):
+            A = torch.tensor(adv[i])
+            ratio = torch.exp(lp - old[i, : len(lp)])
+            pg = torch.maximum(-ratio * A, -ratio.clamp(0.8, 1.2) * A)
+            start = int((att[i, :P] == 0).sum())
+            hidden = critic(input_ids=ids[i : i + 1, start : P + lengths[i]]).logits[0, :, 0]  # (n,) this sequence alone
+            V = hidden[P - start - 1 : P - start - 1 + lengths[i]]  # V(s_t) at position P + t − 1
+            R, Vo = torch.tensor(ret[i]), v_old[i, : lengths[i]]
+            v_loss = torch.maximum((V - R) ** 2, (Vo + (V - Vo).clamp(-0.2, 0.2) - R) ** 2)
+            loss = loss + (pg.sum() - ENT_COEF * ent.sum() + 0.5 * v_loss.sum()) / n_tok
+        loss.backward()
+        with torch.no_grad():
+            for model, step in ((policy, lr), (critic, critic_lr)):
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p -= step * p.grad
+                        p.grad = None
+        losses.append(loss.item())
+    return statistics.mean(losses), dict(policy.named_parameters()), dict(critic.named_parameters())
+
+
+def trainer_minibatches(world: int, B: int, minibatch: int, epochs: int) -> list:
+    """The rows of each minibatch in the order the trainer takes them on `world` ranks: each rank shuffles its own
+    contiguous rows with the seed (seed 0, step 1, epoch, rank) and takes minibatch / world of them at a time."""
+    per_rank, mb = B // world, minibatch // world
+    out = []
+    for epoch in range(epochs):
+        orders = [torch.randperm(per_rank, generator=torch.Generator().manual_seed(plumbing.seed_for(0, 1, epoch, r)))
+                  if mb < per_rank else torch.arange(per_rank) for r in range(world)]
+        out += [[r * per_rank + int(i) for r in range(world) for i in orders[r][k : k + mb]] for k in range(0, per_rank, mb)]
+    return out
+
+
 def test_fsdp_one_rank_equals_two_ranks_and_a_plain_update(tiny_dir, fsdp_runs):
-    from _dist_worker import CASES, LR
+    from _dist_worker import CASES, CRITIC_LR, LR
 
     tmp, batch = fsdp_runs
     assert batch["mask"][:4].sum() != batch["mask"][4:].sum()  # the halves differ in token count (see COMPLETION_LENS)
@@ -280,26 +376,35 @@ def test_fsdp_one_rank_equals_two_ranks_and_a_plain_update(tiny_dir, fsdp_runs):
     assert set(results[1]) == set(results[2]) == {c[0] for c in CASES}
     start = {n: p.detach() for n, p in plain_model(tiny_dir).named_parameters()}
     start_critic = {n: p for n, p in start.items() if n.startswith("model.")} | {"score.weight": batch["critic_head"]}
-    for case, algo, loss_agg, max_norm in CASES:
+    for case, algo, loss_agg, max_norm, epochs, minibatch, micro in CASES:
         one, two = results[1][case], results[2][case]
-        # the logged row: global statistics, the same on 1 and 2 ranks
-        assert set(one["row"]) == set(two["row"])
-        for k in set(one["row"]):
-            assert math.isclose(one["row"][k], two["row"][k], rel_tol=0, abs_tol=1e-6), (case, k, one["row"][k], two["row"][k])
+        for part, before in (("policy", start), ("critic", start_critic))[: 2 if algo == "ppo" else 1]:
+            assert set(before) <= set(one[part])
+            # the update moved the weights by far more than the tolerance below
+            assert max((one[part][n] - before[n]).abs().max().item() for n in before) > 1e-4, (case, part)
         assert math.isclose(one["row"]["reward_mean"], statistics.mean(SCORES), rel_tol=1e-6)
         assert math.isclose(one["row"]["reward_std"], statistics.stdev(SCORES), rel_tol=1e-6)
         assert one["row"]["frac_reward_zero_std"] == 0.25  # one of the four groups, (1.0, 1.0), has equal rewards
         assert one["row"]["completion_len_mean"] == statistics.mean(COMPLETION_LENS)
         torch.testing.assert_close(one["advantages"], two["advantages"], atol=1e-6, rtol=0)
-        for part, before in (("policy", start), ("critic", start_critic))[: 2 if algo == "ppo" else 1]:
-            assert set(before) <= set(one[part])
-            # the update moved the weights by far more than the tolerance below
-            assert max((one[part][n] - before[n]).abs().max().item() for n in before) > 1e-4, (case, part)
-            for n in one[part]:
-                torch.testing.assert_close(one[part][n], two[part][n], atol=1e-6, rtol=0, msg=f"{case} {part} {n}")
-        if algo == "ppo":
-            torch.testing.assert_close(one["returns"], two["returns"], atol=1e-6, rtol=0)
+        if algo == "ppo":  # checked against the reference on each world size (minibatches differ between them)
+            B = len(SCORES)
+            assert one["row"]["minibatches_taken"] == epochs * B // (minibatch or B)
+            for w, res in ((1, one), (2, two)):
+                ref_loss, ref_policy, ref_critic = ppo_reference_update(tiny_dir, batch, trainer_minibatches(w, B, minibatch or B, epochs), LR, CRITIC_LR)
+                assert math.isclose(res["row"]["loss"], ref_loss, rel_tol=0, abs_tol=1e-5), (case, w, res["row"]["loss"], ref_loss)
+                for n, p in ref_policy.items():
+                    torch.testing.assert_close(res["policy"][n], p.detach(), atol=1e-5, rtol=0, msg=f"{case} w{w} policy {n}")
+                for n, p in ref_critic.items():
+                    torch.testing.assert_close(res["critic"][n], p.detach(), atol=1e-5, rtol=0, msg=f"{case} w{w} critic {n}")
             continue
+        # the logged row and the update: the same on 1 and 2 ranks (one minibatch: the same rows either way)
+        assert set(one["row"]) == set(two["row"])
+        for k in set(one["row"]):
+            a, b = one["row"][k], two["row"][k]
+            assert (a is None and b is None) or math.isclose(a, b, rel_tol=0, abs_tol=1e-6), (case, k, a, b)
+        for n in one["policy"]:
+            torch.testing.assert_close(one["policy"][n], two["policy"][n], atol=1e-6, rtol=0, msg=f"{case} policy {n}")
         # GRPO: world 1 (and so world 2) equals the update written out by hand on the unsharded model
         ref_loss, ref_params = grpo_reference_update(tiny_dir, batch, loss_agg, max_norm, LR)
         assert math.isclose(one["row"]["loss"], ref_loss, rel_tol=0, abs_tol=1e-5), (case, one["row"]["loss"], ref_loss)
@@ -311,6 +416,40 @@ def test_fsdp_one_rank_equals_two_ranks_and_a_plain_update(tiny_dir, fsdp_runs):
     # the three aggregations are different losses (the cases are not one case three times)
     losses = [results[1][c]["row"]["loss"] for c in ("grpo-seq-mean-token-mean", "grpo-token-mean", "grpo-seq-mean-token-sum-norm")]
     assert min(abs(x - y) for i, x in enumerate(losses) for y in losses[i + 1 :]) > 1e-4
+
+
+def test_micro_batches_give_the_update_of_one_big_batch(fsdp_runs):
+    """Gradient accumulation over micro-batches of one sequence, every --loss-agg and PPO, on 1 and 2 ranks: the same
+    parameters (to fp32 rounding) as one forward/backward over the whole minibatch. Catches a per-micro-batch
+    normaliser (a mean of micro-batch means), or gradients zeroed between micro-batches."""
+    tmp, _ = fsdp_runs
+    for w in (1, 2):
+        res = torch.load(tmp / f"update_w{w}.pt", weights_only=False)
+        for case in ("grpo-seq-mean-token-mean", "grpo-token-mean", "grpo-seq-mean-token-sum-norm", "ppo"):
+            big, micro = res[case], res[case + "-micro1"]
+            assert math.isclose(big["row"]["loss"], micro["row"]["loss"], rel_tol=0, abs_tol=1e-6), (w, case)
+            for part in ("policy", "critic") if case == "ppo" else ("policy",):
+                for n in big[part]:
+                    torch.testing.assert_close(micro[part][n], big[part][n], atol=1e-6, rtol=0, msg=f"w{w} {case} {part} {n}")
+
+
+HELPERS = {"all_reduce", "all_gather_cat", "all_gather_objects", "broadcast_from_rank0"}  # plumbing's collective helpers
+
+
+def test_every_collective_of_a_step_is_on_the_group_device(fsdp_runs):
+    """One PPO and one GRPO step on 2 ranks (sampling, rewards, reference, critic, whitening, update, metrics), every
+    torch.distributed collective recorded: each tensor is on the process group's device, and each call is made by
+    plumbing's helpers (which move tensors to that device) or by torch itself (FSDP2), never straight from train.py.
+    Catches e.g. `dist.all_reduce(torch.tensor([...]))` in the metrics: a CPU tensor that NCCL would refuse. On this CPU
+    machine the group's device is the CPU, so the second check is the one that sees such a call here."""
+    seen = torch.load(fsdp_runs[0] / "collectives.pt", weights_only=False)
+    for algo, data in seen.items():
+        calls, device = data["calls"], data["group_device"]
+        assert device == "cpu" and {"all_reduce", "all_gather", "all_gather_single"} <= {c["fn"] for c in calls}, algo
+        for c in calls:
+            assert set(c["devices"]) <= {device}, (algo, c)
+            file, fn = c["caller"][-1]
+            assert (file == "plumbing.py" and fn in HELPERS) or file not in ("plumbing.py", "train.py"), (algo, c)
 
 
 def test_logged_clipfrac_and_approx_kl_do_not_depend_on_world_size(fsdp_runs):
