@@ -58,23 +58,29 @@ def parse_args(args_class, argv=None):
     class Formatter(argparse.HelpFormatter):  # print a default only when there is one worth printing
         def _get_help_string(self, action):
             shown = action.default not in (None, "", argparse.SUPPRESS) and "default" not in action.help
-            return action.help + (f" (default: {action.default})" if shown else "")
+            text = action.help + (f" (default: {action.default})" if shown else "")
+            return text.replace("%", "%%")  # argparse %-formats the help: a literal % ("±20%") must be doubled
 
     p = argparse.ArgumentParser(prog="train.py", description=sys.modules[args_class.__module__].__doc__.split("\n")[0],
                                 formatter_class=Formatter)
     hints = typing.get_type_hints(args_class)
     for f in dataclasses.fields(args_class):
         flag, typ, kw = "--" + f.name.replace("_", "-"), hints[f.name], {}
-        if typing.get_origin(typ) is typing.Literal:
-            typ, kw = str, {"choices": typing.get_args(typ)}
-        elif typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", None)):  # X | None
             typ = next(t for t in typing.get_args(typ) if t is not type(None))
+        if typing.get_origin(typ) is typing.Literal:  # also Literal[...] | None, e.g. --loss-agg
+            typ, kw = str, {"choices": typing.get_args(typ)}
         if typ is bool:  # --flag, --flag true|false (anything else is an error, not False)
             p.add_argument(flag, type=strict_bool, nargs="?", const=True, default=f.default, help=f.metadata["help"])
         else:
             p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"], **kw)
 
     def error(message: str):  # one `error: ...` line instead of argparse's usage block
+        choice = re.fullmatch(r"argument (--[\w-]+): invalid choice: (.*) \(choose from (.*)\)", message)
+        if choice:  # "--algo must be 'grpo' or 'ppo', not 'sac'"
+            flag, value, options = choice.groups()
+            options = [repr(o.strip().strip("'")) for o in options.split(",")]
+            raise UserError(f"{flag} must be {', '.join(options[:-1])} or {options[-1]}, not {value.strip(chr(39))!r}")
         raise UserError(f"{message} (see --help)")
 
     p.error = error
@@ -199,9 +205,10 @@ def check_resume(args) -> None:
 
 def resume_changes(args, saved: dict, step: int) -> list[str]:
     """One line per announced option that differs from the checkpoint's, e.g. "--lr 0.001 → 0.05 from step 4"."""
+    unused = ("critic_lr", "vf_coef", "value_clip") if args.algo == "grpo" else ()  # no critic: --lr moves the unset critic_lr
     lines = [f"--{k.replace('_', '-')} {saved.get(k)!r} → {getattr(args, k)!r} from step {step + 1}"
-             for k in RESUME_ANNOUNCED if k in saved and saved.get(k) != getattr(args, k)]
-    if args.steps != saved.get("steps") and args.lr_schedule == "linear":
+             for k in RESUME_ANNOUNCED if k in saved and k not in unused and saved.get(k) != getattr(args, k)]
+    if args.steps != saved.get("steps") and args.lr_schedule == "linear" and args.steps > step:  # else nothing runs
         lines.append(f"the linear learning-rate decay is re-planned to reach 0 after step {args.steps}: "
                      f"lr × {1 - step / args.steps:.4f} at step {step + 1} (it was × {max(0.0, 1 - (step - 1) / saved['steps']):.4f} at step {step})")
     return lines
@@ -450,20 +457,31 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def check_hub_reachable(flag: str, name: str) -> None:
-    """A hub id that is not in the local cache needs the Hub: say at once when it cannot be reached, instead of
-    letting the download retry for a minute."""
-    if not looks_like_hub_id(name) or os.environ.get("HF_HUB_OFFLINE") == "1":
+    """A hub id that is not in the local cache needs the Hub: say at once when it cannot be reached (or offline mode
+    forbids it), instead of letting the download retry for a minute or fail with a message about connecting."""
+    if not looks_like_hub_id(name):
         return
+    from urllib.parse import urlsplit
+
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return
-    host = constants.ENDPOINT.split("//")[-1].split("/")[0]
     try:
-        socket.create_connection((host, 443), timeout=5).close()
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id (huggingface_hub's HFValidationError): the loader names the problem
+        return
+    offline = [k for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")]
+    if offline:
+        raise UserError(f"{flag} {name!r} is not a local directory and not in the Hugging Face cache, and {offline[0]}="
+                        f"{os.environ[offline[0]]} forbids downloading it: check the name (a local directory needs a path "
+                        f"that exists)")
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
     except OSError:
         raise UserError(f"{flag} {name!r} is not a local directory, not in the Hugging Face cache, and the Hub "
-                        f"({host}) cannot be reached: check the name, or download it where there is a network") from None
+                        f"({host}:{port}) cannot be reached: check the name, or download it where there is a network") from None
 
 
 def load_tokenizer(path: str, chat_template: bool = False):
@@ -585,6 +603,9 @@ def unsharded(model: torch.nn.Module):
     """
     from torch.distributed.fsdp import FSDPModule
 
+    if not isinstance(model, FSDPModule):  # a plain module (tests, benchmarks): nothing to gather
+        yield model
+        return
     blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
     for m in blocks:
         m.set_reshard_after_forward(False, recurse=False)
@@ -686,8 +707,9 @@ def setup(args, rank: int, world: int, device: torch.device) -> tuple[dict, int,
     mixed = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     compute = torch.bfloat16 if mixed else torch.float32  # the frozen models' dtype
     check_shared_filesystem(args.out, rank)
-    if args.model:
-        check_hub_reachable("--model", args.model)
+    for flag, name in (("--model", args.model), ("--reward-model", args.reward_model)):
+        if name:
+            check_hub_reachable(flag, name)
     tok = load_tokenizer(args.model, args.chat_template) if args.model else None  # before any embedded build
     data_dir, model_dir = prepare_embedded(args, rank) if not (args.model and args.dataset) else (None, None)
     model_path = args.model or model_dir

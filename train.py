@@ -186,8 +186,8 @@ def sequence_logprobs(model, input_ids, attention_mask, n_prompt: int, temperatu
     scored by the logits at P + t − 1. Only those T positions go through the LM head (logits_to_keep)."""
     T = input_ids.shape[1] - n_prompt
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, S) left padding: first real token at 0
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=T + 1).logits[:, :-1]  # (b, T, V) positions P−1 … S−2
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   logits_to_keep=T + 1).logits[:, :-1]  # (b, T, V) positions P−1 … S−2 (no KV cache: one pass)
     return TokenLogprobs.apply(logits, input_ids[:, n_prompt:], temperature)  # (b, T), (b, T)
 
 
@@ -203,10 +203,10 @@ class TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, temperature):
-        z, y = logits.flatten(0, 1), targets.flatten()  # (b·T, V), (b·T,)
-        lse, ent, logp = (torch.empty(len(y), device=z.device) for _ in range(3))  # (b·T,)
+        z, y, acc = logits.flatten(0, 1), targets.flatten(), torch.promote_types(logits.dtype, torch.float32)  # (b·T, V), (b·T,)
+        lse, ent, logp = (torch.empty(len(y), device=z.device, dtype=acc) for _ in range(3))  # (b·T,)
         for rows in TokenLogprobs.chunks(z):
-            zf = z[rows].float() / temperature  # (n, V)
+            zf = z[rows].to(acc) / temperature  # (n, V) fp32 at least, whatever the compute dtype
             lse[rows] = torch.logsumexp(zf, -1)  # (n,)
             logp[rows] = zf.gather(-1, y[rows, None])[:, 0] - lse[rows]  # (n,)
             ent[rows] = lse[rows] - (torch.softmax(zf, -1) * zf).sum(-1)  # (n,)
@@ -218,14 +218,14 @@ class TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_ent):
         logits, targets, lse, ent = ctx.saved_tensors
         z, y, tau = logits.flatten(0, 1), targets.flatten(), ctx.temperature  # (b·T, V), (b·T,)
-        g_lp = grad_logp.flatten().float() if grad_logp is not None else torch.zeros_like(lse)  # (b·T,)
+        g_lp = grad_logp.flatten().to(lse.dtype) if grad_logp is not None else torch.zeros_like(lse)  # (b·T,)
         grad = torch.empty_like(z)  # (b·T, V)
         for rows in TokenLogprobs.chunks(z):
-            zf = z[rows].float() / tau  # (n, V)
+            zf = z[rows].to(lse.dtype) / tau  # (n, V)
             logp_all = zf - lse[rows, None]  # (n, V) log p_a
             g = -logp_all.exp() * g_lp[rows, None]  # (n, V) −p_a·g_lp
             if grad_ent is not None:
-                g -= logp_all.exp() * (logp_all + ent[rows, None]) * grad_ent.flatten()[rows, None].float()
+                g -= logp_all.exp() * (logp_all + ent[rows, None]) * grad_ent.flatten()[rows, None].to(lse.dtype)
             g.scatter_add_(-1, y[rows, None], g_lp[rows, None])  # + 1[a = y]·g_lp
             grad[rows] = (g / tau).to(grad.dtype)
         return grad.view(logits.shape), None, None
@@ -239,7 +239,7 @@ class TokenLogprobs(torch.autograd.Function):
 def critic_values(critic, input_ids, attention_mask, n_prompt: int) -> torch.Tensor:
     """V(s_t) for each completion token t: the critic's output at position P + t − 1, the state before token t."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, S)
-    out = critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits  # (b, S, 1)
+    out = critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits  # (b, S, 1)
     return out[:, n_prompt - 1 : -1, 0].float()  # (b, T)
 
 
@@ -437,6 +437,7 @@ def train(run, start: int, metrics) -> None:
     if start >= args.steps and args.steps > 0:
         log(run, f"the run in {args.out} is already complete at step {start} (--steps {args.steps}): nothing to do; "
                  "a larger --steps with --resume extends it")
+        return
     bar = tqdm(range(start + 1, args.steps + 1), disable=run.rank != 0, desc=args.algo, dynamic_ncols=True)
     for step in bar:
         for opt, base in zip(run.optimizers, (args.lr, args.critic_lr)):  # a pure function of the step

@@ -29,7 +29,7 @@ def naive_gae(rewards: torch.Tensor, values: torch.Tensor, lengths: list[int], g
 
 
 def batch(B: int, T: int, seed: int, dtype=torch.float32):
-    """Random rewards/values, lengths in [T/2, T] (row 0 full), a prefix mask, as train.generate produces it."""
+    """Random rewards/values, lengths in [T/2, T] (row 0 full), a prefix mask, as train.sample produces it."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
     lengths[0] = T

@@ -1,11 +1,13 @@
 """PPO vs GRPO on the same policy, batch and sequence lengths, through train.py's own functions.
 
-One RL step is train.run's loop body with a clock between its phases:
-  generate   train.generate: G samples per prompt, T new tokens, parameters gathered once
+One RL step is train.rl_step with a clock between its phases (the same calls, on a train.Run built here):
+  generate   train.sample: G samples per prompt, T new tokens, parameters gathered once
   reward     train.score: the rule-based reward plus a frozen reward model's forward pass (document 004's fourth model)
-  policy_fwd log π_θold on the batch (both algorithms)
+  policy_fwd log π_θold on the batch, micro-batch by micro-batch (train.chunked_logprobs); skipped, as train.rl_step
+             skips it, when the update is on-policy (GRPO, one epoch, one minibatch: train.reuses_first_forward), where
+             log π_θold is the update's own first forward pass
   ref_fwd    log π_ref on the batch (both algorithms, β > 0)
-  critic_fwd V_φold on the batch (PPO only)
+  critic_fwd V_φold on the batch (PPO only; train.critic_values)
   advantages train.compute_advantages: GAE + whitening (PPO), group statistics (GRPO)
   update     train.update: epochs × minibatches of clipped-surrogate steps (policy; + critic for PPO)
 Both algorithms are built side by side; each takes 1 warm-up step, untimed, under the memory counter (common.PeakBytes);
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import memory_ledger
+import plumbing
 import train
 from benchmarks import common
 
@@ -39,41 +42,57 @@ def make_prompts(n: int, length: int, seed: int) -> list[tuple[str, str]]:
 
 
 def load_models(algo: str, model_dir: str, mixed: bool, a: train.Args):
-    """Policy, reference, critic (PPO), reward model, as train.run builds them (train.load_model + train.shard)."""
-    policy = train.shard(train.load_model("causal", model_dir, torch.float32), mixed).eval()
-    ref = train.shard(train.load_model("causal", model_dir, torch.float32), mixed).eval().requires_grad_(False)
-    critic = train.shard(train.load_model("critic", model_dir, torch.float32), mixed).eval() if algo == "ppo" else None
-    rm = train.shard(train.load_model("reward", model_dir, torch.float32), mixed).eval().requires_grad_(False)
-    opts = [torch.optim.AdamW(policy.parameters(), lr=a.lr)]
+    """Policy, reference, critic (PPO), reward model, fp32 and sharded with FSDP2 (plumbing.load_full_model +
+    plumbing.shard); frozen models without gradients. AdamW for the trained ones, as plumbing.setup builds them."""
+    def load(kind: str):
+        return plumbing.shard(plumbing.load_full_model(kind, model_dir, torch.float32), mixed).eval()
+
+    policy = load("causal")
+    ref = load("causal").requires_grad_(False)
+    critic = load("critic") if algo == "ppo" else None
+    rm = load("reward").requires_grad_(False)
+    opts = [torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay)]
     if critic is not None:
-        opts.append(torch.optim.AdamW(critic.parameters(), lr=a.critic_lr))
+        opts.append(torch.optim.AdamW(critic.parameters(), lr=a.critic_lr, weight_decay=a.weight_decay))
     return policy, ref, critic, rm, opts
 
 
 class Run:
-    """One algorithm's models, optimizers and data for a size; `step(i)` is train.run's loop body, timed by phase."""
+    """One algorithm's train.Run for a size; `step(i)` is train.rl_step's body, timed by phase."""
 
     def __init__(self, size: str, algo: str, cfg: dict, rank: int, world: int, device, work_dir: str):
+        from transformers import GenerationConfig
+
         self.size, self.cfg, self.rank, self.world, self.device = size, cfg, rank, world, device
         mixed = device.type == "cuda"
         B = cfg["prompts"] * cfg["group_size"]
-        self.a = train.Args(algo=algo, group_size=cfg["group_size"], prompts_per_step=cfg["prompts"], max_new_tokens=cfg["T"],
-                            minibatch_size=B // cfg["minibatches"], epochs=cfg["epochs"], beta=0.04, reward="math", seed=0,
-                            out=work_dir, lr=1e-5, critic_lr=1e-5, ent_coef=0.0)
+        a = train.Args(algo=algo, group_size=cfg["group_size"], prompts_per_step=cfg["prompts"], max_new_tokens=cfg["T"],
+                       minibatch_size=B // cfg["minibatches"], epochs=cfg["epochs"], beta=0.04, reward="math", seed=0,
+                       out=work_dir, lr=1e-5, critic_lr=1e-5, ent_coef=0.0, micro_batch_size=0)
+        self.a = plumbing.fill_model_defaults(a, world)  # loss_agg etc.; the values set above win
+        plumbing.check_args(self.a, world)
         model_dir = os.path.join(work_dir, f"model_{size}")
         if rank == 0:
             common.save_model(size, model_dir)
         dist.barrier()
-        self.tok = train.load_tokenizer(model_dir)
+        tok = plumbing.load_tokenizer(model_dir)
         self.policy, self.ref, self.critic, self.rm, self.opts = load_models(algo, model_dir, mixed, self.a)
-        self.reward_fns = train.load_reward_functions(self.a.reward)
-        self.rows = make_prompts(self.a.prompts_per_step, cfg["P"], seed=0)
+        rows = plumbing.tokenize_rows(tok, self.a, make_prompts(self.a.prompts_per_step, cfg["P"], seed=0), None)
+        eos = plumbing.eos_token_ids(tok, self.policy.config, None)
+        # as plumbing.setup: nothing of a checkpoint's own sampling settings reaches generate()
+        self.policy.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+        self.run = train.Run(self.a, rank, world, device, tok=tok, policy=self.policy, ref=self.ref, critic=self.critic,
+                             reward_model=self.rm, rm_tok=tok, reward_fns=plumbing.load_reward_functions(self.a.reward),
+                             optimizers=self.opts, train_rows=rows, eval_rows=[], eos_ids=eos, hf_generation_config=None,
+                             sample_config=plumbing.neutral_generation_config(self.a.max_new_tokens, self.a.temperature, eos, tok.pad_token_id),
+                             greedy_config=plumbing.neutral_generation_config(self.a.max_new_tokens, None, eos, tok.pad_token_id),
+                             beta=self.a.beta)
         self.trained = {n: m for n, m in (("policy", self.policy), ("critic", self.critic)) if m is not None}
         self.accounting = "fsdp2_mixed" if mixed else "fp32"
         self.measured_state, self.timed, self.peak = None, [], None
 
-    def step(self, step: int, probe=None) -> dict:
-        a, device, world = self.a, self.device, self.world
+    def step(self, step: int) -> dict:
+        run, a, device, world = self.run, self.a, self.device, self.world
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         clock, t = {}, [time.perf_counter()]
 
@@ -82,42 +101,46 @@ class Run:
             clock[name] = time.perf_counter() - t[0]
             t[0] = time.perf_counter()
 
-        torch.manual_seed(train.seed_for(a.seed, step, self.rank))  # the same samples for PPO and GRPO
+        torch.manual_seed(plumbing.seed_for(a.seed, step, self.rank))  # the same samples for PPO and GRPO
         per_rank = a.prompts_per_step // world
-        mine = self.rows[self.rank * per_rank : (self.rank + 1) * per_rank]
-        prompts = [p for p, _ in mine for _ in range(a.group_size)]  # B = prompts × G
-        answers = [ans for _, ans in mine for _ in range(a.group_size)]
-        ro = train.generate(self.policy, self.tok, [p for p, _ in mine], a, device, repeat=a.group_size)
+        mine = run.train_rows[self.rank * per_rank : (self.rank + 1) * per_rank]
+        batch = train.sample(run, mine, repeat=a.group_size)  # B = prompts × G
         lap("generate")
-        scores = train.score(ro, answers, prompts, self.reward_fns, self.rm, self.tok, a, step, device)  # (B,)
+        batch.scores = train.score(run, batch, step)  # (B,)
         lap("reward")
         with torch.no_grad():
-            old_logprobs = train.sequence_logprobs(self.policy, ro.input_ids, ro.attention_mask, ro.n_prompt, a.temperature)[0]  # (B, T)
+            if not train.reuses_first_forward(a):
+                batch.old_logprobs = train.chunked_logprobs(run, run.policy, batch)  # (B, T)
             lap("policy_fwd")
-            ref_logprobs = train.sequence_logprobs(self.ref, ro.input_ids, ro.attention_mask, ro.n_prompt, a.temperature)[0]  # (B, T)
+            batch.ref_logprobs = train.chunked_logprobs(run, run.ref, batch)  # (B, T)
             lap("ref_fwd")
-            old_values = train.critic_values(self.critic, ro.input_ids, ro.attention_mask, ro.n_prompt) if self.critic else None  # (B, T)
+            if run.critic is not None:
+                batch.old_values = torch.cat([train.critic_values(run.critic, p.input_ids, p.attention_mask, p.n_prompt)
+                                              for p in batch.split(a.micro_batch_size or len(batch))])  # (B, T)
             lap("critic_fwd")
-        adv, returns = train.compute_advantages(a, ro, scores, old_logprobs, ref_logprobs, old_values)
+        batch.advantages, batch.returns = train.compute_advantages(run, batch)
         lap("advantages")
-        train.update(a, ro, adv, returns, old_logprobs, ref_logprobs, old_values, self.policy, self.critic, self.opts, step,
-                     world, probe)
+        train.update(run, batch, step)
         lap("update")
-        n_completion = train.all_reduce(ro.mask.sum()).item()  # completion tokens, all ranks
-        return clock | {"completion_tokens": n_completion, "positions": ro.input_ids.numel() * world,
-                        "seq_len": ro.input_ids.shape[1], "n_prompt": ro.n_prompt}
+        n_completion = plumbing.all_reduce(batch.completion_mask.sum()).item()  # completion tokens, all ranks
+        return clock | {"completion_tokens": n_completion, "positions": batch.input_ids.numel() * world,
+                        "seq_len": batch.input_ids.shape[1], "n_prompt": batch.n_prompt}
 
     def warm_up(self) -> None:
         """Step 0, untimed, under the memory counter. Bytes live at its start: every model's parameters and buffers;
-        gradients and AdamW state are created inside it. The probe reads the trained state after the first update."""
+        gradients and AdamW state are created inside it. A one-shot hook on the last optimizer to step (the critic's for
+        PPO; train.Run.optimizer_step steps them in order) reads the trained state after the first optimizer step, before
+        train.update's zero_grad frees the gradients."""
         live = common.state_tensors([self.policy, self.ref, self.critic, self.rm], self.opts)
         self.base = common.storage_bytes([t for kind in live.values() for t in kind])
 
-        def probe():
+        def probe(*_):
+            handle.remove()
             self.measured_state = sum(memory_ledger.measure_state_bytes(m, o)["total"] for m, o in zip(self.trained.values(), self.opts))
 
+        handle = self.opts[-1].register_step_post_hook(probe)
         with common.PeakBytes(self.device, self.base) as peak:
-            self.step(0, probe)
+            self.step(0)
         self.peak = peak.peak
 
     def timed_step(self, step: int) -> None:

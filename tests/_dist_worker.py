@@ -196,9 +196,35 @@ def run_collectives(model_dir: str, out_dir: str) -> None:
         torch.save(seen, os.path.join(out_dir, "collectives.pt"))
 
 
+def run_loading(model_dir: str, out_dir: str) -> None:
+    """plumbing.load_sharded on 2 ranks: count the full-model loads per rank (only rank 0 may read the checkpoint into
+    host memory), then gather every parameter and buffer to compare with the checkpoint on disk."""
+    rank, device = dist.get_rank(), torch.device("cpu")
+    calls, original = [], plumbing.load_full_model
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    plumbing.load_full_model = counting
+    try:
+        policy, shapes, generation_config = plumbing.load_sharded("causal", model_dir, torch.float32, device, False)
+        critic = plumbing.load_sharded("critic", model_dir, torch.float32, device, False)[0]
+    finally:
+        plumbing.load_full_model = original
+    out = {"calls": plumbing.all_gather_objects(calls), "shapes": shapes,
+           "local_numel": plumbing.all_gather_objects(sum(p.to_local().numel() for p in policy.parameters())),
+           "policy": {n: p.full_tensor().detach().clone() for n, p in policy.named_parameters()},
+           "policy_buffers": {n: b.detach().clone() for n, b in policy.named_buffers()},
+           "critic": {n: p.full_tensor().detach().clone() for n, p in critic.named_parameters()},
+           "generation_config": generation_config.to_dict() if generation_config is not None else None}
+    if rank == 0:
+        torch.save(out, os.path.join(out_dir, "loading.pt"))
+
+
 if __name__ == "__main__":
     plumbing.setup_distributed()
     for job in sys.argv[1].split(","):
-        {"update": run_update, "generate": run_generate, "collectives": run_collectives}[job](*sys.argv[2:])
+        {"update": run_update, "generate": run_generate, "collectives": run_collectives, "loading": run_loading}[job](*sys.argv[2:])
     dist.barrier()
     dist.destroy_process_group()

@@ -144,18 +144,12 @@ class FakePolicy(torch.nn.Module):
         super().__init__()
         self.completions, self.calls = torch.tensor(completions), []
 
-    def unshard(self):
-        pass
-
-    def reshard(self):
-        pass
 
     def generate(self, input_ids, attention_mask, **kw):
         self.calls.append(kw)
         return torch.cat([input_ids, self.completions], 1)
 
-    def modules(self):
-        return iter([self])
+
 
 
 @pytest.fixture
@@ -242,7 +236,7 @@ def fsdp_runs(tiny_dir, tmp_path_factory) -> tuple[Path, dict]:
                  critic_head=0.3 * torch.randn(1, 32, generator=g))
     torch.save(batch, tmp / "batch.pt")
     run([WORKER, "update", tiny_dir, str(tmp)], tmp, nproc=1)
-    run([WORKER, "update,generate,collectives", tiny_dir, str(tmp)], tmp, nproc=2)
+    run([WORKER, "update,generate,collectives,loading", tiny_dir, str(tmp)], tmp, nproc=2)
     return tmp, batch
 
 
@@ -431,6 +425,28 @@ def test_micro_batches_give_the_update_of_one_big_batch(fsdp_runs):
             for part in ("policy", "critic") if case == "ppo" else ("policy",):
                 for n in big[part]:
                     torch.testing.assert_close(micro[part][n], big[part][n], atol=1e-6, rtol=0, msg=f"w{w} {case} {part} {n}")
+
+
+def test_rank_0_alone_reads_the_checkpoint_and_the_shards_equal_it(tiny_dir, fsdp_runs):
+    """Loading at scale: on 2 ranks only rank 0 builds a full model in host memory; every rank gets its shard by
+    broadcast, and the gathered parameters (and the RoPE buffers, which are not in the state dict) equal the checkpoint.
+    Catches: every rank calling from_pretrained; a shard left uninitialised after to_empty (garbage, not zeros);
+    buffers left uninitialised; the critic's head not zeroed (V ≡ 0 at first, document 004)."""
+    from transformers import AutoModelForTokenClassification
+
+    out = torch.load(fsdp_runs[0] / "loading.pt", weights_only=False)
+    assert out["calls"] == [["causal", "critic"], []]  # rank 0 loaded both models once; rank 1 never did
+    n_params = sum(math.prod(s) for s in out["shapes"])
+    assert sum(out["local_numel"]) == n_params and 0 < out["local_numel"][1] < n_params  # both ranks hold a share
+    disk = plain_model(tiny_dir)
+    for n, p in disk.named_parameters():
+        assert torch.equal(out["policy"][n], p.detach()), n
+    for n, b in disk.named_buffers():
+        assert torch.equal(out["policy_buffers"][n], b), n
+    critic = AutoModelForTokenClassification.from_pretrained(tiny_dir, num_labels=1)
+    for n, p in critic.named_parameters():
+        expected = torch.zeros_like(p) if n.startswith("score.") else p.detach()
+        assert torch.equal(out["critic"][n], expected), n
 
 
 HELPERS = {"all_reduce", "all_gather_cat", "all_gather_objects", "broadcast_from_rank0"}  # plumbing's collective helpers

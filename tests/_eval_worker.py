@@ -1,0 +1,97 @@
+"""Launched by tests/test_flags.py under torchrun (gloo, CPU); not a test module itself.
+
+    torchrun --nproc_per_node 2 tests/_eval_worker.py OUT_DIR
+
+OUT_DIR/spec.json holds {"model": DIR, "T": max new tokens, "cases": {name: [[prompt, answer], ...]},
+"train_argv": [...] or null}.
+
+1. eval: for each case, a train.Run around the sharded policy with those eval rows, then train.evaluate; each rank
+   writes OUT_DIR/eval_rank{R}.json: the returned metrics, how many rows it held, how many sample() calls it made,
+   len(run.eval_samples), and "finished": true (written only when evaluate returned).
+2. train (when train_argv is given): the process group is torn down, then train.main(train_argv) runs with
+   plumbing.load_sharded wrapped so that each rank records how the reward model was sharded (OUT_DIR/rm_rank{R}.json).
+
+Also holds the custom reward test_flags.py passes as --reward _eval_worker:odd_digits (non-constant rewards, so that
+a random tiny policy gets non-zero advantages and actually moves).
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import plumbing  # noqa: E402
+import train  # noqa: E402
+
+
+def odd_digits(completion: str, answer: str) -> float:
+    """A reward with spread on random completions: the number of odd digits in the completion."""
+    return float(sum(c in "13579" for c in completion))
+
+
+def run_eval(spec: dict, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from _dist_worker import make_run
+
+    rank, world, device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+    tok = plumbing.load_tokenizer(spec["model"])
+    eos, T = [tok.eos_token_id], spec["T"]
+    policy = plumbing.load_sharded("causal", spec["model"], torch.float32, device, False)[0]
+    calls, original = [], train.sample
+
+    def counting_sample(run, rows, **kw):
+        calls.append(len(rows))
+        return original(run, rows, **kw)
+
+    train.sample = counting_sample
+    result = {}
+    for name, rows in spec["cases"].items():
+        eval_rows = [(p, a, tok(p)["input_ids"]) for p, a in rows]
+        run = make_run(train.Args(max_new_tokens=T), policy, None, [], tok=tok, eos_ids=eos, eval_rows=eval_rows,
+                       greedy_config=plumbing.neutral_generation_config(T, None, eos, tok.pad_token_id))
+        calls.clear()
+        metrics = train.evaluate(run)
+        result[name] = {"metrics": metrics, "my_rows": len(eval_rows[rank::world]), "sample_calls": list(calls),
+                        "n_samples": len(run.eval_samples), "sample_prompts": [s["prompt"] for s in run.eval_samples],
+                        "finished": True}
+    train.sample = original
+    with open(os.path.join(out_dir, f"eval_rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+
+
+def run_train(argv: list, out_dir: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    seen, original = [], plumbing.load_sharded
+
+    def recording(kind, path, *a, **kw):
+        out = original(kind, path, *a, **kw)
+        if kind == "reward":
+            params = list(out[0].parameters())
+            seen.append({"path": path, "all_dtensor": all(isinstance(p, DTensor) for p in params),
+                         "placements": sorted({str(p.placements) for p in params if isinstance(p, DTensor)}),
+                         "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
+                         "full_numel": sum(p.numel() for p in params)})
+        return out
+
+    plumbing.load_sharded = recording
+    code = train.main(argv)
+    rank = int(os.environ["RANK"])
+    with open(os.path.join(out_dir, f"rm_rank{rank}.json"), "w") as f:
+        json.dump({"exit_code": code, "reward_models": seen}, f)
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    out_dir = sys.argv[1]
+    spec = json.load(open(os.path.join(out_dir, "spec.json")))
+    plumbing.setup_distributed()
+    run_eval(spec, out_dir)
+    dist.destroy_process_group()
+    if spec.get("train_argv"):
+        run_train(spec["train_argv"], out_dir)  # train.main sets up (and tears down) its own process group

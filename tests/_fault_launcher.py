@@ -1,0 +1,97 @@
+"""Run train.py with one injected fault: `python tests/_fault_launcher.py ARGS...`, or the same script under
+`python -m torch.distributed.run ...`, takes train.py's arguments. The fault comes from the environment variable FAULT
+and is installed by monkeypatching train / plumbing / torch.distributed.checkpoint in this process, so that the product
+code carries no test hooks:
+
+  nan:STEP              the loss of every minibatch of step STEP is multiplied by NaN (train.policy_loss)
+  raise:RANK:STEP       rank RANK raises RuntimeError at the start of step STEP (train.rl_step)
+  kill_in_save:STEP     every rank SIGKILLs itself inside step STEP's checkpoint save, once its DCP shards are written
+                        and before the commit (torch.distributed.checkpoint.save)
+  kill_after_save:STEP  every rank SIGKILLs itself as soon as step STEP's checkpoint is committed
+                        (plumbing.save_checkpoint has returned), before anything of step STEP+1
+
+Without FAULT it runs train.py unchanged.
+"""
+
+import functools
+import os
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import plumbing  # noqa: E402
+import train  # noqa: E402
+
+
+def die() -> None:
+    """SIGKILL this process: no handler, no atexit, no flush beyond what is already written (as a real kill)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(fault: str) -> None:
+    kind, _, rest = fault.partition(":")
+    if kind == "nan":
+        at = int(rest)
+        current = {"step": None}
+        rl_step, policy_loss = train.rl_step, train.policy_loss
+
+        @functools.wraps(rl_step)
+        def remembering_rl_step(run, step):
+            current["step"] = step
+            try:
+                return rl_step(run, step)
+            finally:
+                current["step"] = None
+
+        @functools.wraps(policy_loss)
+        def nan_policy_loss(*args, **kwargs):
+            out = policy_loss(*args, **kwargs)
+            if current["step"] == at:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        train.rl_step, train.policy_loss = remembering_rl_step, nan_policy_loss
+    elif kind == "raise":
+        rank, at = map(int, rest.split(":"))
+        rl_step = train.rl_step
+
+        @functools.wraps(rl_step)
+        def raising_rl_step(run, step):
+            if run.rank == rank and step == at:
+                raise RuntimeError(f"injected fault on rank {rank} at step {at}")
+            return rl_step(run, step)
+
+        train.rl_step = raising_rl_step
+    elif kind == "kill_in_save":
+        import torch.distributed.checkpoint as dcp
+
+        suffix, save = f"step_{int(rest):06d}.partial", dcp.save
+
+        @functools.wraps(save)
+        def killing_save(*args, **kwargs):
+            result = save(*args, **kwargs)
+            if str(kwargs.get("checkpoint_id", "")).rstrip(os.sep).endswith(suffix):
+                die()
+            return result
+
+        dcp.save = killing_save  # plumbing.save_checkpoint imports the module and looks up dcp.save at call time
+    elif kind == "kill_after_save":
+        at, save_checkpoint = int(rest), plumbing.save_checkpoint
+
+        @functools.wraps(save_checkpoint)
+        def killing_save_checkpoint(args, step, *rest_args, **kwargs):
+            save_checkpoint(args, step, *rest_args, **kwargs)
+            if step == at:
+                die()
+
+        plumbing.save_checkpoint = killing_save_checkpoint  # train.save calls plumbing.save_checkpoint(...)
+    else:
+        raise SystemExit(f"_fault_launcher: unknown FAULT {fault!r}")
+
+
+if __name__ == "__main__":
+    if os.environ.get("FAULT"):
+        install(os.environ["FAULT"])
+    sys.exit(train.main(sys.argv[1:]))
