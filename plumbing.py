@@ -112,7 +112,21 @@ def fill_model_defaults(args, world_size: int = 1):
 
 
 def check_args(args, world_size: int) -> None:
-    """Everything that can be checked before loading anything heavy."""
+    """Everything that can be checked before loading anything heavy: batch shapes, values, names; then --out."""
+    check_batch_shapes(args, world_size)
+    check_values(args)
+    load_reward_functions(args.reward)  # names and weights
+    check_resume(args)  # before --out is created: a refused --resume leaves nothing behind
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out {args.out!r} cannot be written: {e.strerror or e}") from None
+
+
+def check_batch_shapes(args, world_size: int) -> None:
     if args.algo == "grpo" and args.group_size < 2:
         raise UserError("--group-size must be at least 2 for GRPO: the group std (and a group baseline) needs 2 samples")
     if args.group_size < 1 or args.prompts_per_step < 1 or args.steps < 0 or args.epochs < 1:
@@ -129,6 +143,9 @@ def check_args(args, world_size: int) -> None:
                         f"({args.minibatch_size} sequences / {world_size} ranks = {per_rank}); 0 = the whole minibatch")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+
+
+def check_values(args) -> None:
     if (args.lr is not None and not args.lr > 0) or (args.critic_lr is not None and not args.critic_lr > 0):
         raise UserError(f"learning rates must be positive (--lr {args.lr}, --critic-lr {args.critic_lr})")
     if not (args.temperature > 0 and args.eps > 0 and args.beta >= 0):
@@ -157,15 +174,6 @@ def check_args(args, world_size: int) -> None:
         looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl", ".parquet", ".csv"))
         if name and looks_local and not os.path.exists(os.path.expanduser(name)):
             raise UserError(f"{flag} {name!r}: no such file or directory")
-    load_reward_functions(args.reward)  # names and weights
-    check_resume(args)  # before --out is created: a refused --resume leaves nothing behind
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out {args.out!r} cannot be written: {e.strerror or e}") from None
 
 
 def unescape(template: str) -> str:
@@ -697,15 +705,10 @@ def recording_sampler(record: list):
 # ======================================================================================================================
 def setup(args, rank: int, world: int, device: torch.device) -> tuple[dict, int, "MetricsLog"]:
     """Tokenizer, prompts, models (sharded), optimizers and sampling configs; the resumed step and β."""
-    from transformers import GenerationConfig
-
-    import memory_ledger
-
     import transformers
 
     transformers.logging.set_verbosity_error()  # the critic's fresh head, top_k=0 "unused": expected, not news
     mixed = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    compute = torch.bfloat16 if mixed else torch.float32  # the frozen models' dtype
     check_shared_filesystem(args.out, rank)
     for flag, name in (("--model", args.model), ("--reward-model", args.reward_model)):
         if name:
@@ -716,43 +719,78 @@ def setup(args, rank: int, world: int, device: torch.device) -> tuple[dict, int,
     tok = tok or load_tokenizer(model_path, args.chat_template)
     rows, eval_rows = load_prompts(args, args.dataset or data_dir)
     reward_fns = load_reward_functions(args.reward)
+    models, shapes = load_models(args, model_path, device, mixed)
+    context = getattr(models["policy"].config, "max_position_embeddings", None)
+    rows, eval_rows = (tokenize_rows(tok, args, r, context) for r in (rows, eval_rows))
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=args.lr if name == "policy" else args.critic_lr, weight_decay=args.weight_decay)
+                  for name, m in (("policy", models["policy"]), ("critic", models["critic"])) if m is not None]
+    samplers = sampler_fields(args, tok, models["policy"], models.pop("hf_generation_config"))
+    trainables = {"policy": (models["policy"], optimizers[0])} | ({"critic": (models["critic"], optimizers[1])} if models["critic"] else {})
+    start, beta = resume(args, trainables, rank)
+    metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, start if args.resume else None)
+    predicted = ledger_prediction(args, shapes, trainables, rank, world, mixed)
+    if rank == 0:
+        print(f"{args.algo} | {world} rank(s) on {device.type} | policy {sum(map(math.prod, shapes['policy'])):,} params | "
+              f"{len(rows)} train / {len(eval_rows)} eval prompts | memory ledger ({'fsdp2_mixed' if mixed else 'fp32'} "
+              "state, per rank): " + ", ".join(f"{n} {b / 2**20:.3f} MiB" for n, b in predicted.items()), flush=True)
+    fields = dict(tok=tok, **models, reward_fns=reward_fns, optimizers=optimizers, train_rows=rows, eval_rows=eval_rows,
+                  beta=beta, **samplers)
+    return fields, start, metrics
+
+
+def load_models(args, model_path: str, device, mixed: bool) -> tuple[dict, dict]:
+    """Policy and critic in fp32 (FSDP2 keeps fp32 master shards); reference and reward model frozen, in the compute
+    dtype (bf16 under mixed precision). Returns the models and each trained model's parameter shapes."""
+    compute = torch.bfloat16 if mixed else torch.float32
     policy, shapes, hf_generation = load_sharded("causal", model_path, torch.float32, device, mixed, args.gradient_checkpointing)
-    rows, eval_rows = (tokenize_rows(tok, args, r, getattr(policy.config, "max_position_embeddings", None)) for r in (rows, eval_rows))
-    models = {"policy": policy, "ref": None, "critic": None, "reward_model": None, "rm_tok": None}
+    models = {"policy": policy, "ref": None, "critic": None, "reward_model": None, "rm_tok": None,
+              "hf_generation_config": hf_generation}
+    all_shapes = {"policy": shapes}
     if args.beta > 0 or args.kl_target:
         models["ref"] = load_sharded("causal", model_path, compute, device, mixed)[0].requires_grad_(False)
     if args.algo == "ppo":
-        models["critic"], shapes_critic, _ = load_sharded("critic", model_path, torch.float32, device, mixed, args.gradient_checkpointing)
+        models["critic"], all_shapes["critic"], _ = load_sharded("critic", model_path, torch.float32, device, mixed,
+                                                                 args.gradient_checkpointing)
     if args.reward_model:
         models["rm_tok"] = load_tokenizer(args.reward_model)
         models["reward_model"] = load_sharded("reward", args.reward_model, compute, device, mixed)[0].requires_grad_(False)
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=args.lr if name == "policy" else args.critic_lr, weight_decay=args.weight_decay)
-                  for name, m in (("policy", policy), ("critic", models["critic"])) if m is not None]
+    return models, all_shapes
+
+
+def sampler_fields(args, tok, policy, hf_generation) -> dict:
+    """The sampling and greedy GenerationConfigs (temperature only, every EOS). The policy's own generation config is
+    replaced by an empty one (EOS and pad ids): nothing of the checkpoint's sampling settings may reach generate()."""
+    from transformers import GenerationConfig
+
     eos_ids = eos_token_ids(tok, policy.config, hf_generation)
-    # nothing of the checkpoint's own sampling settings may reach generate(): an empty config, EOS and pad ids only
     policy.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
     sample_config = neutral_generation_config(args.max_new_tokens, args.temperature, eos_ids, tok.pad_token_id)
     check_sampler_is_neutral(policy, sample_config)
-    trainables = {"policy": (policy, optimizers[0])} | ({"critic": (models["critic"], optimizers[1])} if args.algo == "ppo" else {})
-    start, beta = 0, args.beta
-    if args.resume:
-        meta = load_checkpoint(args, trainables)
-        start, beta = int(meta["step"]), float(meta.get("beta", args.beta))
-        for line in resume_changes(args, meta["args"], start):
-            print(line, flush=True) if rank == 0 else None
-    metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, start if args.resume else None)
-    all_shapes = {"policy": shapes} | ({"critic": shapes_critic} if args.algo == "ppo" else {})
-    predicted = {n: memory_ledger.per_rank_bytes_exact(shapes=s, world_size=world, rank=rank, accounting="fsdp2_mixed" if mixed else "fp32")["total"]
-                 for n, s in all_shapes.items()}
+    return dict(sample_config=sample_config, eos_ids=eos_ids, hf_generation_config=hf_generation,
+                greedy_config=neutral_generation_config(args.max_new_tokens, None, eos_ids, tok.pad_token_id))
+
+
+def resume(args, trainables: dict, rank: int) -> tuple[int, float]:
+    """(the step to continue after, β) from the newest checkpoint with --resume, announcing changed options; else (0, --beta)."""
+    if not args.resume:
+        return 0, args.beta
+    meta = load_checkpoint(args, trainables)
+    start = int(meta["step"])
+    for line in resume_changes(args, meta["args"], start):
+        print(line, flush=True) if rank == 0 else None
+    return start, float(meta.get("beta", args.beta))
+
+
+def ledger_prediction(args, shapes: dict, trainables: dict, rank: int, world: int, mixed: bool) -> dict:
+    """memory_ledger's per-rank bytes of each trained model's parameters + gradients + AdamW state (measured after
+    the first optimizer step into memory.json)."""
+    import memory_ledger
+
+    accounting = "fsdp2_mixed" if mixed else "fp32"
+    predicted = {n: memory_ledger.per_rank_bytes_exact(shapes=s, world_size=world, rank=rank, accounting=accounting)["total"]
+                 for n, s in shapes.items()}
     measure_memory_after_first_step(args.out, trainables, predicted, rank, world, mixed)
-    if rank == 0:
-        print(f"{args.algo} | {world} rank(s) on {device.type} | policy {sum(map(math.prod, shapes)):,} params | {len(rows)} "
-              f"train / {len(eval_rows)} eval prompts | memory ledger ({'fsdp2_mixed' if mixed else 'fp32'} state, per rank): "
-              + ", ".join(f"{n} {b / 2**20:.3f} MiB" for n, b in predicted.items()), flush=True)
-    fields = dict(tok=tok, **models, reward_fns=reward_fns, optimizers=optimizers, train_rows=rows, eval_rows=eval_rows,
-                  sample_config=sample_config, eos_ids=eos_ids, hf_generation_config=hf_generation, beta=beta,
-                  greedy_config=neutral_generation_config(args.max_new_tokens, None, eos_ids, tok.pad_token_id))
-    return fields, start, metrics
+    return predicted
 
 
 def tokenize_rows(tok, args, rows: list, context: int | None) -> list:

@@ -443,7 +443,7 @@ def train(run, start: int, metrics) -> None:
         for opt, base in zip(run.optimizers, (args.lr, args.critic_lr)):  # a pure function of the step
             for group in opt.param_groups:
                 group["lr"] = base * (1 - (step - 1) / args.steps if args.lr_schedule == "linear" else 1.0)
-        row = rl_step(run, step)
+        row = rl_step(run, step) | {"lr": run.optimizers[0].param_groups[0]["lr"]}
         metrics.write({"step": step} | row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}" if row["kl"] is not None else "-")
         if args.kl_target and row["kl"] is not None:  # β for the next step (Ziegler et al. 2019)
