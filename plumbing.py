@@ -107,7 +107,7 @@ def fill_model_defaults(args, world_size: int = 1):
             if batch % world_size == 0 else batch
     if args.micro_batch_size is None:  # see README, "GPU": 8 sequences of 512 tokens keep a 0.5B-7B model in 80 GB
         per_rank = max(1, args.minibatch_size // world_size)
-        args.micro_batch_size = 0 if embedded else max(m for m in range(1, min(8, per_rank) + 1) if per_rank % m == 0)
+        args.micro_batch_size = per_rank if embedded else max(m for m in range(1, min(8, per_rank) + 1) if per_rank % m == 0)
     return args
 
 
@@ -138,9 +138,9 @@ def check_batch_shapes(args, world_size: int) -> None:
         raise UserError(f"--minibatch-size {args.minibatch_size} must divide the batch ({args.prompts_per_step} prompts × "
                         f"{args.group_size} = {batch}) and be divisible by the {world_size} ranks")
     per_rank = args.minibatch_size // world_size
-    if args.micro_batch_size < 0 or (args.micro_batch_size and per_rank % args.micro_batch_size):
+    if args.micro_batch_size < 1 or per_rank % args.micro_batch_size:
         raise UserError(f"--micro-batch-size {args.micro_batch_size} must be positive and divide the per-rank minibatch "
-                        f"({args.minibatch_size} sequences / {world_size} ranks = {per_rank}); 0 = the whole minibatch")
+                        f"({args.minibatch_size} sequences / {world_size} ranks = {per_rank})")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
 

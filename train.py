@@ -302,11 +302,11 @@ def minibatch_gradients(run, batch: Rollout, rows: torch.Tensor) -> dict:
         if part.old_logprobs is None:  # on-policy: π_θold is this very forward pass
             part.old_logprobs = logprobs.detach()
             first_forward.append(part.old_logprobs)
-        out = policy_loss(run, part, logprobs, entropy, n_tok, max(n_seq, 1.0))
+        out = policy_loss(run, part, logprobs, entropy, max(n_tok, 1.0), max(n_seq, 1.0))  # ≥ 1: all rows dropped gives 0, not NaN
         out["loss"].backward()
         if run.critic is not None:
             values = critic_values(run.critic, part.input_ids, part.attention_mask, part.n_prompt)  # (b, T)
-            v = ppo.masked_mean(ppo.value_loss(values, part.returns, part.old_values, args.value_clip or None), part.loss_mask, n_tok)
+            v = ppo.masked_mean(ppo.value_loss(values, part.returns, part.old_values, args.value_clip or None), part.loss_mask, max(n_tok, 1.0))
             (args.vf_coef * v).backward()  # the critic's graph, apart from the policy's (freed above)
             out |= {"value_loss": v.detach(), "loss": out["loss"] + args.vf_coef * v.detach()}
         for k, v in out.items():
@@ -355,7 +355,7 @@ def summarize(stats: list, skipped: int, stopped: bool) -> dict:
 def step_metrics(run, batch: Rollout) -> dict:
     """The logged row's rollout statistics: global reductions over all ranks (metric glossary in README.md)."""
     args, mask = run.args, batch.completion_mask
-    scores, valid = all_gather_cat(batch.scores), all_gather_cat(batch.loss_mask.sum(1) > 0)  # (W·B,)
+    scores, valid = all_gather_cat(batch.scores), all_gather_cat((batch.loss_mask.sum(1) > 0).float()).bool()  # (W·B,)
     lengths = all_gather_cat(mask.sum(1))  # (W·B,)
     degenerate = grpo.degenerate_groups(scores.view(-1, args.group_size), valid.view(-1, args.group_size))  # (W·B/G,)
     row = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
@@ -520,8 +520,8 @@ class Args:
     value_clip: float = arg(0.0, "PPO value clipping range around V_old (0 = off)")
     epochs: int = arg(1, "inner epochs over one rollout batch")
     minibatch_size: int | None = arg(None, "sequences per optimizer step across all ranks; unset: the whole batch, at most 256")
-    micro_batch_size: int | None = arg(None, "sequences per forward/backward on each rank; unset: the whole minibatch for "
-                                             "the embedded model, 8 with --model; 0 = the whole minibatch")
+    micro_batch_size: int | None = arg(None, "sequences per forward/backward on each rank (gradients accumulate); unset: "
+                                             "the whole per-rank minibatch for the embedded model, at most 8 with --model")
     gradient_checkpointing: bool = arg(False, "recompute each transformer block in backward instead of keeping its activations")
     gamma: float = arg(1.0, "GAE discount γ (PPO)")
     lam: float = arg(1.0, "GAE λ (PPO); 1 (verl's default) = return minus V, unbiased for a sparse terminal reward")

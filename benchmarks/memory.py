@@ -235,6 +235,10 @@ def plot(res: dict, path: str) -> None:
         ax.set_ylim(bottom=0)
         ax.set_title(f"peak memory vs {key} ({fixed[0]} = {fixed[1]}), 64 seqs, V = 151,936")
         ax.legend(fontsize=7)
+    for r in res["rows"]:
+        if "skipped" in r:  # the run without micro-batching, not run: its prediction as text
+            axes[0].text(0.02, 0.97, f"{r['algo']}, no micro-batching (64 per forward), T={r['T']}: not run,\n{r['skipped']}",
+                         transform=axes[0].transAxes, fontsize=7, va="top")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

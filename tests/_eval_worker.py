@@ -8,8 +8,8 @@ OUT_DIR/spec.json holds {"model": DIR, "T": max new tokens, "cases": {name: [[pr
 1. eval: for each case, a train.Run around the sharded policy with those eval rows, then train.evaluate; each rank
    writes OUT_DIR/eval_rank{R}.json: the returned metrics, how many rows it held, how many sample() calls it made,
    len(run.eval_samples), and "finished": true (written only when evaluate returned).
-2. train (when train_argv is given): the process group is torn down, then train.main(train_argv) runs with
-   plumbing.load_sharded wrapped so that each rank records how the reward model was sharded (OUT_DIR/rm_rank{R}.json).
+2. train (when train_argv is given): train.main(train_argv) in the same process group (setup_distributed patched
+   to return it), with plumbing.load_sharded wrapped so that each rank records how the reward model was sharded (OUT_DIR/rm_rank{R}.json).
 
 Also holds the custom reward test_flags.py passes as --reward _eval_worker:odd_digits (non-constant rewards, so that
 a random tiny policy gets non-zero advantages and actually moves).
@@ -78,9 +78,13 @@ def run_train(argv: list, out_dir: str) -> None:
                          "full_numel": sum(p.numel() for p in params)})
         return out
 
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
     plumbing.load_sharded = recording
+    # train.main joins the process group already up (a destroy + re-init on torchrun's store is not reliable)
+    plumbing.setup_distributed = lambda: (rank, world, torch.device("cpu"))
     code = train.main(argv)
-    rank = int(os.environ["RANK"])
     with open(os.path.join(out_dir, f"rm_rank{rank}.json"), "w") as f:
         json.dump({"exit_code": code, "reward_models": seen}, f)
 
@@ -92,6 +96,7 @@ if __name__ == "__main__":
     spec = json.load(open(os.path.join(out_dir, "spec.json")))
     plumbing.setup_distributed()
     run_eval(spec, out_dir)
-    dist.destroy_process_group()
     if spec.get("train_argv"):
-        run_train(spec["train_argv"], out_dir)  # train.main sets up (and tears down) its own process group
+        run_train(spec["train_argv"], out_dir)  # train.main tears the process group down at its end
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -281,6 +281,7 @@ def test_startup_and_eval_lines_stand_on_their_own_lines(base):
     (["--loss-agg", "mean"], "--loss-agg must be 'seq-mean-token-mean', 'token-mean' or 'seq-mean-token-sum-norm', not 'mean'"),
     (["--prompt-template", "No placeholder"], "--prompt-template 'No placeholder' has no {prompt}"),
     (["--micro-batch-size", "-1"], "--micro-batch-size -1 must be positive and divide the per-rank minibatch"),
+    (["--micro-batch-size", "0"], "--micro-batch-size 0 must be positive and divide the per-rank minibatch"),
     (["--micro-batch-size", "3"], "--micro-batch-size 3 must be positive and divide the per-rank minibatch (4 sequences"),
     (["--eps-high", "0.1"], "--eps-high 0.1 must be at least --eps 0.2"),
     (["--dual-clip", "0.5"], "--dual-clip 0.5 must be greater than 1"),

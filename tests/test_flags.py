@@ -481,8 +481,9 @@ def recording_lrs(monkeypatch, record: list):
 def test_ppo_resume_restores_critic_and_lr_schedule(tmp_path, tiny_dir, data_file, main, monkeypatch):
     """PPO, 2 steps × (2 epochs × 2 minibatches), a checkpoint each step. Resumed from step 1 (step 2's checkpoint
     deleted), step 2's rows (train and eval) equal the uninterrupted run's, timings aside. The optimizers' lr at
-    step s (the lr is not logged in metrics.jsonl, so read from param_groups as rl_step starts) is
-    base·(1 − (s − 1)/steps), for the policy (--lr) and the critic (--critic-lr), in both runs.
+    step s, read from the optimizers' param_groups as rl_step starts, is base·(1 − (s − 1)/steps) for the policy
+    (--lr) and the critic (--critic-lr), in both runs; the logged "lr" (the policy's; the critic's is not logged)
+    matches.
 
     Catches: the critic or its AdamW state not saved/restored (step 2's value_loss/explained_variance/loss differ);
     an lr schedule off by one step ((1 − s/steps): 0.5·base at step 1) or re-based on the resumed step; the critic
@@ -506,6 +507,8 @@ def test_ppo_resume_restores_critic_and_lr_schedule(tmp_path, tiny_dir, data_fil
     for s, got in lrs:
         for g, e in zip(got, expected(s)):
             assert math.isclose(g[0], e[0], rel_tol=1e-12), (s, got)
+    for r in train_rows:  # the policy's lr is also logged per step (the critic's is not)
+        assert math.isclose(r["lr"], expected(r["step"])[0][0], rel_tol=1e-12), r
 
 
 # ---------------------------------------------------------------------------------------------------- KL controls
@@ -542,9 +545,11 @@ def test_target_kl_stops_the_epochs_early(tmp_path, tiny_dir, data_file, main):
     """GRPO --target-kl 1e-9 with --epochs 3 and 2 minibatches: the first minibatch that moved the policy stops the
     step: minibatches_taken < 3 × 2 and kl_early_stop = 1.
 
-    Catches: --target-kl ignored (6 minibatches, kl_early_stop 0); a stop that only ends the current epoch (≥ 2)."""
+    Catches: --target-kl ignored (6 minibatches, kl_early_stop 0); a stop that only ends the current epoch (3 taken);
+    the check made after the optimizer step instead of before it (2 taken)."""
     out = tmp_path / "out"
     assert main(base_argv(tiny_dir, data_file, out, "--steps", "1", "--epochs", "3", "--minibatch-size", "4",
                           "--target-kl", "1e-9", "--lr", "0.05", "--eval-size", "0")) == 0
     (row,) = [r for r in metrics_rows(out) if "reward_mean" in r]
-    assert row["kl_early_stop"] == 1 and row["minibatches_taken"] <= 1, row
+    # the first minibatch is on-policy (approx_kl 0): it steps; the second sees the moved policy and stops everything
+    assert row["kl_early_stop"] == 1 and row["minibatches_taken"] == 1, row

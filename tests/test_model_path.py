@@ -153,3 +153,39 @@ def test_gradient_checkpointing_refused_for_a_model_without_blocks():
     model = torch.nn.Linear(3, 3)
     with pytest.raises(plumbing.UserError, match="--gradient-checkpointing"):
         plumbing.checkpoint_blocks(model)
+
+
+def test_on_policy_update_reuses_its_first_forward_with_the_same_loss_and_gradients(qwen_dir, one_process_group):
+    """One epoch, one minibatch (GRPO): π_θold's log-probs are the update's own first forward pass, detached, instead of
+    a separate no-grad pass. The loss, the logged row and the parameters after one SGD step are the same either way
+    (micro-batches of 2 in both). Catches reusing log-probs that still carry gradient (ratio's gradient would change)
+    or taking them after the optimizer step."""
+    from transformers import AutoModelForCausalLM
+
+    tok = plumbing.load_tokenizer(qwen_dir)
+    prompts = [tok(p)["input_ids"] for p in ("What is 1 + 2?", "Hi there", "7 times 8", "Name a color")]
+    out = {}
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        policy = AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.float32).eval()
+        args = train.Args(algo="grpo", group_size=2, prompts_per_step=2, max_new_tokens=5, micro_batch_size=2,
+                          minibatch_size=4, epochs=1, ent_coef=0.01, beta=0.0, max_grad_norm=1e9, loss_agg="token-mean")
+        assert train.reuses_first_forward(args)
+        run = train.Run(args, 0, 1, torch.device("cpu"), tok, policy, None, None, None, None, [], [torch.optim.SGD(policy.parameters(), lr=0.5)],
+                        [], [], None, None, [151645], None, beta=0.0)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.cat([torch.tensor([p[:2] for p in prompts]), torch.randint(0, 151643, (4, 5), generator=g)], 1)  # (4, 7)
+        batch = train.Rollout(ids, torch.ones_like(ids), torch.ones(4, 5), torch.ones(4, 5), 2, [""] * 4, [""] * 4, [""] * 4,
+                              scores=torch.tensor([1.0, 0.0, 0.5, 0.2]))
+        if not reuse:
+            with torch.no_grad():
+                batch.old_logprobs = train.chunked_logprobs(run, policy, batch)
+        batch.advantages, batch.returns = train.compute_advantages(run, batch)
+        stats = train.update(run, batch, step=1)
+        out[reuse] = (stats, batch.old_logprobs.clone(), {n: p.detach().clone() for n, p in policy.named_parameters()})
+    (s0, lp0, p0), (s1, lp1, p1) = out[False], out[True]
+    torch.testing.assert_close(lp1, lp0, atol=1e-6, rtol=0)  # the reused log-probs are π_θold's
+    for k in ("loss", "policy_loss", "entropy", "clipfrac", "approx_kl", "grad_norm"):
+        assert math.isclose(s0[k], s1[k], rel_tol=0, abs_tol=1e-6), (k, s0[k], s1[k])
+    assert max((p1[n] - p0[n]).abs().max().item() for n in p0) < 1e-6
+    assert max((p1[n] - AutoModelForCausalLM.from_pretrained(qwen_dir).state_dict()[n]).abs().max().item() for n in p0) > 1e-4
