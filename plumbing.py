@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import grpo
 import rewards as rewards_lib
 
 warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # FSDP2 on HF heads: we never write in place

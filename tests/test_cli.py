@@ -17,6 +17,7 @@ import pytest
 
 import plumbing
 import train as train_module
+from helpers import copy_base, main_error, ok, one_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "2", "--eval-size", "4", "--sft-steps", "5",
@@ -29,30 +30,6 @@ def run(*args, cwd=ROOT, env=None, script="train.py", timeout=240) -> subprocess
     """`python train.py ARGS` as a user types it; stdout and stderr kept apart."""
     return subprocess.run([sys.executable, script, *map(str, args)], cwd=cwd, env=env or ENV, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-def one_error(p: subprocess.CompletedProcess) -> str:
-    """Exit code 2, exactly one `error: ...` line, no traceback; returns that line."""
-    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, p.stderr[-3000:]
-    return errors[0]
-
-
-def main_error(capsys, *args) -> str:
-    """train.main in this process, for the checks made before setup_distributed (no process group, nothing loaded)."""
-    code = train_module.main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 def metrics(out) -> list[dict]:
@@ -71,13 +48,6 @@ def eval_rows(out) -> list[dict]:
 def screen(text: str) -> list[str]:
     """The lines a terminal shows: each `\\r` returns the carriage, so only what follows the last one stays."""
     return [line.split("\r")[-1].strip() for line in text.splitlines()]
-
-
-def copy_base(base, out):
-    """A fresh --out holding the embedded SFT model and data of `base` (reused, not rebuilt)."""
-    for d in ("sft_model", "embedded_data"):
-        shutil.copytree(base / d, out / d)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +247,18 @@ def test_startup_and_eval_lines_stand_on_their_own_lines(base):
 # ======================================================================================================================
 @pytest.mark.parametrize("args, says", [
     (["--resume", "ture"], "argument --resume: invalid boolean (true/false) value: 'ture'"),
+    (["--group-size", "1"], "--group-size must be at least 2 for GRPO"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, not 0"),
+    (["--lr", "0"], "learning rates must be positive (--lr 0.0"),
+    (["--lr=-1e-3"], "learning rates must be positive (--lr -0.001"),
+    (["--algo", "ppo", "--critic-lr", "0"], "--critic-lr 0.0)"),
+    (["--resume"], "--resume: no complete checkpoint in"),
+    (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    (["--model", "/nonexistent/model_dir"], "--model '/nonexistent/model_dir': no such file or directory"),
+    (["--dataset", "/nonexistent/data.jsonl"], "--dataset '/nonexistent/data.jsonl': no such file or directory"),
+    (["--reward", "no_such_reward"], "--reward: unknown reward 'no_such_reward'"),
+    (["--prompt-template", "Q: {question}"], "--prompt-template 'Q: {question}' has no {prompt}"),
+    (["--prompt-template", "{prompt} {x}"], "--prompt-template '{prompt} {x}' is not a format string with only {prompt}"),
     (["--algo", "sac"], "--algo must be 'grpo' or 'ppo', not 'sac'"),
     (["--loss-agg", "mean"], "--loss-agg must be 'seq-mean-token-mean', 'token-mean' or 'seq-mean-token-sum-norm', not 'mean'"),
     (["--prompt-template", "No placeholder"], "--prompt-template 'No placeholder' has no {prompt}"),

@@ -31,6 +31,7 @@ import time
 
 import pytest
 import torch
+from helpers import copy_base, main_error, ok, one_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -92,35 +93,6 @@ def stopped_promptly(seen: dict, says: str) -> None:
         f"took {seen['stopped_after_s']:.0f} s after the last row: a hang guard, not a performance bound")
 
 
-def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-def one_error(p: subprocess.CompletedProcess, *, torchrun: bool = False) -> str:
-    """Non-zero exit, exactly one line starting with `error:`, no traceback from train.py; returns that line."""
-    assert p.returncode != 0, p.stdout[-2000:] + p.stderr[-2000:]
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, p.stderr[-3000:]
-    if torchrun:  # torchrun reports a failed worker with a traceback of its own; none may come from train.py
-        assert 'train.py", line' not in p.stderr, p.stderr[-3000:]
-    else:
-        assert "Traceback" not in p.stderr, p.stderr[-3000:]
-    return errors[0]
-
-
-def main_error(capsys, *args) -> str:
-    """train.main in this process, for the checks made before setup_distributed (no process group, nothing loaded)."""
-    import train as train_module
-
-    code = train_module.main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
-
-
 def rows(out) -> list[dict]:
     """metrics.jsonl without the timing keys, which differ from run to run."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -160,12 +132,6 @@ def base(tmp_path_factory):
     other run copies into its --out instead of building them again."""
     out = tmp_path_factory.mktemp("full")
     ok(train(out, *TINY, "--steps", STEPS))
-    return out
-
-
-def copy_base(base, out):
-    for d in ("sft_model", "embedded_data"):
-        shutil.copytree(base / d, out / d)
     return out
 
 
@@ -254,26 +220,6 @@ def test_bad_argument_exits_2_with_one_line(tmp_path):
     assert one_error(p) == "error: --algo must be 'grpo' or 'ppo', not 'sac'"
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--algo", "sac"], "--algo must be 'grpo' or 'ppo', not 'sac'"),
-    (["--group-size", "1"], "--group-size must be at least 2 for GRPO"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, not 0"),
-    (["--lr", "0"], "learning rates must be positive (--lr 0.0"),
-    (["--lr=-1e-3"], "learning rates must be positive (--lr -0.001"),
-    (["--algo", "ppo", "--critic-lr", "0"], "--critic-lr 0.0)"),
-    (["--resume"], "--resume: no complete checkpoint in"),
-    (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
-    (["--model", "/nonexistent/model_dir"], "--model '/nonexistent/model_dir': no such file or directory"),
-    (["--dataset", "/nonexistent/data.jsonl"], "--dataset '/nonexistent/data.jsonl': no such file or directory"),
-    (["--reward", "no_such_reward"], "--reward: unknown reward 'no_such_reward'"),
-    (["--prompt-template", "Q: {question}"], "--prompt-template 'Q: {question}' has no {prompt}"),
-    (["--prompt-template", "{prompt} {x}"], "--prompt-template '{prompt} {x}' is not a format string with only {prompt}"),
-])
-def test_bad_arguments_are_refused_before_anything_heavy(args, says, tmp_path, capsys):
-    assert says in main_error(capsys, "--out", tmp_path / "out", *TINY, *args)
-    assert not os.path.exists(tmp_path / "out" / "sft_model"), "nothing may be built before the arguments are checked"
-
-
 def test_prompts_per_step_not_divisible_across_ranks(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node 2 sets; checked before the process group
     line = main_error(capsys, "--out", tmp_path / "out", *TINY, "--prompts-per-step", "3", "--minibatch-size", "4")
@@ -312,7 +258,7 @@ def test_reward_that_raises_or_is_not_finite(run, says, runs):
 
 def test_reward_not_finite_on_one_rank_stops_both_and_rank_0_names_it(runs):
     out, seen = runs["reward_inf_on_rank_1"]
-    line = one_error(seen["p"], torchrun=True)
+    line = one_error(seen["p"], code=None, torchrun=True)
     # rank 1 holds samples 8..15 of the global batch (2 prompts × G=4 per rank)
     assert "reward '_fault_rewards:inf_on_rank_1' returned inf on sample 8 of step 1" in line
     stopped_promptly(seen, line)

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import torch.distributed as dist
 
 import plumbing
 import train
+from helpers import free_port, save_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "_eval_worker.py")
@@ -31,29 +31,12 @@ TIMING = ("step_time_s", "tokens_per_s", "host_peak_rss_gib")
 DIGITS = "0123456789"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> str:
     """A random tiny Llama (large init: log-probs far from uniform) + the char tokenizer WITH a chat template."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny_chat")
-    tok = plumbing.make_char_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_chat"), chat_template=CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +65,6 @@ def rm_dir(root: Path, bias: float) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
-
-
-@pytest.fixture
-def one_process_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.fixture

@@ -9,17 +9,7 @@ import torch
 
 import plumbing
 import train
-from real_models import QWEN25_INSTRUCT_GENERATION, qwen_tokenizer, save_qwen2
-
-
-@pytest.fixture
-def one_process_group(tmp_path):
-    """A gloo group of one in this process (train.sample takes a global max over ranks), torn down after the test."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+from real_models import QWEN25_INSTRUCT_GENERATION, save_qwen2
 
 
 @pytest.fixture(scope="module")

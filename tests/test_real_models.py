@@ -5,7 +5,6 @@ reloaded with the Auto classes. Fixtures: tests/real_models.py."""
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import real_models as rm
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,12 +30,6 @@ SMOKE = ["--chat-template", "--steps", "2", "--prompts-per-step", "4", "--group-
          "--eval-size", "4", "--eval-every", "1", "--plot", "false",
          # math (the default) is 0 on every completion of a random model: add a reward that varies within each group
          "--reward", "math=1.0,real_models:varied_reward=1.0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

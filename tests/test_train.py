@@ -8,7 +8,6 @@ tests/_dist_worker.py under torchrun (gloo). Shapes: B sequences, P prompt token
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import torch
 
 import plumbing
 import train
+from helpers import free_port, save_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "_dist_worker.py")
@@ -30,12 +30,6 @@ TRAIN_KEYS = {"step", "reward_mean", "reward_std", "frac_reward_zero_std", "kl",
 # normaliser would give a different update on 2 ranks than on 1
 PROMPT_LENS, COMPLETION_LENS, P, T = [5, 3, 4, 2, 5, 1, 3, 4], [6, 1, 3, 6, 2, 5, 4, 6], 5, 6
 SCORES, G, BETA, ENT_COEF, TEMPERATURE = [1.0, 0.0, 0.2, 0.9, 1.0, 1.0, 0.5, 0.0], 2, 0.04, 0.01, 0.7
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], tmp: Path, timeout: int = 240, nproc: int = 0) -> subprocess.CompletedProcess:
@@ -56,17 +50,7 @@ def read_metrics(out: Path) -> tuple[list[dict], list[dict]]:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> str:
     """A random tiny Llama (GQA, untied head, large init so log-probs are far from uniform) + the char tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tok = plumbing.make_char_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def plain_model(path: str):
@@ -148,18 +132,6 @@ class FakePolicy(torch.nn.Module):
     def generate(self, input_ids, attention_mask, **kw):
         self.calls.append(kw)
         return torch.cat([input_ids, self.completions], 1)
-
-
-
-
-@pytest.fixture
-def one_process_group(tmp_path):
-    """A gloo group of one in this process (train.sample takes a global max over ranks), torn down after the test."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def fake_run(tok, policy, max_new_tokens: int, temperature: float, **args) -> train.Run:

@@ -1,0 +1,68 @@
+"""Helpers shared by the test modules (not a test file): free ports, the checks on what a user sees, tiny models."""
+
+import shutil
+import socket
+import subprocess
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def one_error(p: subprocess.CompletedProcess, *, code: int | None = 2, torchrun: bool = False) -> str:
+    """Exit `code` (any non-zero when None), exactly one line starting with `error:`, no traceback from train.py;
+    returns that line. Under torchrun, torchrun's own report of the failed worker follows (a traceback of its own)."""
+    assert p.returncode != 0 and (code is None or p.returncode == code), p.stdout[-2000:] + p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, p.stderr[-3000:]
+    if torchrun:
+        assert 'train.py", line' not in p.stderr, p.stderr[-3000:]
+    else:
+        assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    return errors[0]
+
+
+def main_error(capsys, *args) -> str:
+    """train.main in this process, for the checks made before setup_distributed (no process group, nothing loaded)."""
+    import train
+
+    code = train.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def copy_base(base, out):
+    """A fresh --out holding the embedded SFT model and data of the run in `base` (reused, not rebuilt)."""
+    for d in ("sft_model", "embedded_data"):
+        shutil.copytree(base / d, out / d)
+    return out
+
+
+def save_tiny_llama(path, chat_template: str | None = None) -> str:
+    """A random tiny Llama (GQA, untied head, large init so log-probs are far from uniform) + the char tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import plumbing
+
+    tok = plumbing.make_char_tokenizer()
+    if chat_template:
+        tok.chat_template = chat_template
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
