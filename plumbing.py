@@ -257,17 +257,14 @@ def load_reward_functions(spec: str) -> list:
 # for gloo) and bring the result back to the caller's device.
 # ======================================================================================================================
 def setup_distributed() -> tuple[int, int, torch.device]:
-    if "RANK" not in os.environ:  # plain `python train.py`: a one-process group
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=int(os.environ.get("TRAIN_COLLECTIVE_TIMEOUT_S", 1800)))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    # plain `python train.py`: a one-process group on an in-memory store (no port to find, none to collide on)
+    alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, **alone)
     return dist.get_rank(), dist.get_world_size(), device
 
 

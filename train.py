@@ -101,8 +101,7 @@ def rl_step(run, step: int) -> dict:
         if run.ref is not None:
             batch.ref_logprobs = chunked_logprobs(run, run.ref, batch)  # (B, T)
         if run.critic is not None:
-            batch.old_values = torch.cat([critic_values(run.critic, p.input_ids, p.attention_mask, p.n_prompt)
-                                          for p in batch.split(run.args.micro_batch_size or len(batch))])  # (B, T)
+            batch.old_values = chunked_values(run, batch)  # (B, T)
     # 4. advantages
     batch.advantages, batch.returns = compute_advantages(run, batch)
     timer.lap("forward")
@@ -184,10 +183,10 @@ def sequence_logprobs(model, input_ids, attention_mask, n_prompt: int, temperatu
     """log π(token_{t+1} | tokens_≤t) and the entropy of π(· | tokens_≤t) at every completion position, with the
     one-token shift: the logits at position p score the token at p + 1, so completion token t (at position P + t) is
     scored by the logits at P + t − 1. Only those T positions go through the LM head (logits_to_keep)."""
-    T = input_ids.shape[1] - n_prompt
+    keep = torch.arange(n_prompt - 1, input_ids.shape[1] - 1, device=input_ids.device)  # (T,) positions P−1 … S−2
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, S) left padding: first real token at 0
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                   logits_to_keep=T + 1).logits[:, :-1]  # (b, T, V) positions P−1 … S−2 (no KV cache: one pass)
+                   logits_to_keep=keep).logits  # (b, T, V) contiguous: no copy, no (b, S, V) gradient
     return TokenLogprobs.apply(logits, input_ids[:, n_prompt:], temperature)  # (b, T), (b, T)
 
 
@@ -199,17 +198,17 @@ class TokenLogprobs(torch.autograd.Function):
         ∂log p_y/∂z_a = (1[a = y] − p_a)/τ      ∂H/∂z_a = −p_a (log p_a + H)/τ
     """
 
-    CHUNK = 2**26  # elements of fp32 scratch per chunk (256 MB)
+    CHUNK = 2**25  # elements of each fp32 scratch tensor per chunk (128 MB); two are alive at a time
 
     @staticmethod
     def forward(ctx, logits, targets, temperature):
         z, y, acc = logits.flatten(0, 1), targets.flatten(), torch.promote_types(logits.dtype, torch.float32)  # (b·T, V), (b·T,)
         lse, ent, logp = (torch.empty(len(y), device=z.device, dtype=acc) for _ in range(3))  # (b·T,)
         for rows in TokenLogprobs.chunks(z):
-            zf = z[rows].to(acc) / temperature  # (n, V) fp32 at least, whatever the compute dtype
+            zf = z[rows].to(acc, copy=True).div_(temperature)  # (n, V) z/τ, fp32 at least whatever the compute dtype
             lse[rows] = torch.logsumexp(zf, -1)  # (n,)
             logp[rows] = zf.gather(-1, y[rows, None])[:, 0] - lse[rows]  # (n,)
-            ent[rows] = lse[rows] - (torch.softmax(zf, -1) * zf).sum(-1)  # (n,)
+            ent[rows] = lse[rows] - torch.softmax(zf, -1).mul_(zf).sum(-1)  # (n,) H = lse − Σ p·z/τ
         ctx.save_for_backward(logits, targets, lse, ent)
         ctx.temperature = temperature
         return logp.view(targets.shape), ent.view(targets.shape)  # (b, T), (b, T)
@@ -221,13 +220,15 @@ class TokenLogprobs(torch.autograd.Function):
         g_lp = grad_logp.flatten().to(lse.dtype) if grad_logp is not None else torch.zeros_like(lse)  # (b·T,)
         grad = torch.empty_like(z)  # (b·T, V)
         for rows in TokenLogprobs.chunks(z):
-            zf = z[rows].to(lse.dtype) / tau  # (n, V)
-            logp_all = zf - lse[rows, None]  # (n, V) log p_a
-            g = -logp_all.exp() * g_lp[rows, None]  # (n, V) −p_a·g_lp
-            if grad_ent is not None:
-                g -= logp_all.exp() * (logp_all + ent[rows, None]) * grad_ent.flatten()[rows, None].to(lse.dtype)
+            logp_all = z[rows].to(lse.dtype, copy=True).div_(tau).sub_(lse[rows, None])  # (n, V) log p_a
+            p = logp_all.exp()  # (n, V)
+            if grad_ent is not None:  # −p_a (log p_a + H)·g_H − p_a·g_lp, in the two buffers
+                g_h = grad_ent.flatten()[rows, None].to(lse.dtype)  # (n, 1)
+                g = logp_all.add_(ent[rows, None]).mul_(p).mul_(-g_h).sub_(p.mul_(g_lp[rows, None]))  # (n, V)
+            else:
+                g = p.mul_(-g_lp[rows, None])  # (n, V) −p_a·g_lp
             g.scatter_add_(-1, y[rows, None], g_lp[rows, None])  # + 1[a = y]·g_lp
-            grad[rows] = (g / tau).to(grad.dtype)
+            grad[rows] = g.div_(tau).to(grad.dtype)
         return grad.view(logits.shape), None, None
 
     @staticmethod
@@ -246,6 +247,12 @@ def critic_values(critic, input_ids, attention_mask, n_prompt: int) -> torch.Ten
 def chunked_logprobs(run, model, batch: Rollout) -> torch.Tensor:
     """sequence_logprobs over micro-batches of --micro-batch-size sequences (the no_grad passes), concatenated."""
     return torch.cat([sequence_logprobs(model, p.input_ids, p.attention_mask, p.n_prompt, run.args.temperature)[0]
+                      for p in batch.split(run.args.micro_batch_size or len(batch))])  # (B, T)
+
+
+def chunked_values(run, batch: Rollout) -> torch.Tensor:
+    """critic_values over micro-batches of --micro-batch-size sequences (the no_grad pass), concatenated."""
+    return torch.cat([critic_values(run.critic, p.input_ids, p.attention_mask, p.n_prompt)
                       for p in batch.split(run.args.micro_batch_size or len(batch))])  # (B, T)
 
 

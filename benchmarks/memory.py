@@ -68,7 +68,7 @@ def grid() -> list[tuple[str, int, int]]:
         for cfg in [(algo, M_TARGET, T_FULL)] + [(algo, m, T_FULL) for m in MICROS] + [(algo, M_TARGET, t) for t in LENGTHS]:
             if cfg not in out:
                 out.append(cfg)
-    return out + [("grpo", 0, T_FULL)]  # no micro-batching: the whole minibatch of 64 per forward (if it fits)
+    return out + [("grpo", PROMPTS * GROUP, T_FULL)]  # no micro-batching: the whole minibatch of 64 per forward (if it fits)
 
 
 def build(work: str) -> tuple[str, str]:
@@ -109,7 +109,7 @@ def model_facts(model_dir: str, data: str) -> dict:
 
 def predict(facts: dict, algo: str, micro: int, T: int) -> dict:
     """The ledger's bytes for one configuration (fp32 on CPU, one rank)."""
-    M = micro or PROMPTS * GROUP  # --micro-batch-size 0: the whole minibatch (64 sequences) per forward
+    M = micro  # 64 = the whole minibatch per forward (no micro-batching)
     S = facts["P"] + T
     trained = [facts["policy_shapes"]] + ([facts["critic_shapes"]] if algo == "ppo" else [])
     # parameters + gradients + AdamW m, v (fp32: 4 + 4 + 4 + 4 B/param) + one 4-byte `step` per tensor, each trained model
@@ -218,7 +218,7 @@ def plot(res: dict, path: str) -> None:
     for ax, key, fixed, xs_name in ((axes[0], "micro", ("T", T_FULL), "micro-batch size (sequences per forward)"),
                                     (axes[1], "T", ("micro", M_TARGET), "completion length T (tokens)")):
         for i, algo in enumerate(("grpo", "ppo")):
-            sel = sorted((r for r in rows if r["algo"] == algo and r[fixed[0]] == fixed[1] and r["micro"] > 0), key=lambda r: r[key])
+            sel = sorted((r for r in rows if r["algo"] == algo and r[fixed[0]] == fixed[1] and r["micro"] < PROMPTS * GROUP), key=lambda r: r[key])
             if not sel:
                 continue
             xs = [r[key] for r in sel]
@@ -226,6 +226,10 @@ def plot(res: dict, path: str) -> None:
             ax.plot(xs, [r["pred_ledger"] / GIB for r in sel], "s--", color=f"C{i}", alpha=0.6, label=f"{algo}: ledger")
             ax.plot(xs, [(r["pred_ledger"] + r["pred_logits_grad"]) / GIB + res["baseline_rss_gib"] for r in sel], ":",
                     color=f"C{i}", alpha=0.6, label=f"{algo}: ledger + logits grad + process baseline")
+            part = sorted((r for r in res["rows"] if "incomplete" in r and r["algo"] == algo and r[fixed[0]] == fixed[1]), key=lambda r: r[key])
+            if part:  # a run stopped before its end: the VmHWM it had reached, a lower bound of its peak
+                ax.plot([r[key] for r in part], [r["rss_hwm_lower_bound_gib"] for r in part], "^", color=f"C{i}", mfc="none",
+                        ms=9, label=f"{algo}: peak so far, run stopped (lower bound)")
         ax.axhline(target_gib, color="red", lw=1, label="target 4 GB (3.73 GiB)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(MICROS if key == "micro" else LENGTHS, [str(x) for x in (MICROS if key == "micro" else LENGTHS)])
@@ -250,7 +254,7 @@ def save(path: str, res: dict, rows: list[dict]) -> None:
     old = json.load(open(path))["rows"] if os.path.exists(path) else []
     keys = {(r["algo"], r["micro"], r["T"]) for r in rows}
     res["rows"] = sorted([r for r in old if (r["algo"], r["micro"], r["T"]) not in keys] + rows,
-                         key=lambda r: (r["algo"] != "grpo", r["micro"] == 0, r["T"], r["micro"]))
+                         key=lambda r: (r["algo"] != "grpo", r["T"], r["micro"]))
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(res, f, indent=1)
@@ -264,6 +268,9 @@ def report(res: dict, out: str) -> None:
     for r in res["rows"]:
         if "skipped" in r:
             print(f"{r['algo']} micro {r['micro']} T {r['T']}: skipped, {r['skipped']}")
+        if "incomplete" in r:
+            print(f"{r['algo']} micro {r['micro']} T {r['T']}: peak so far ≥ {r['rss_hwm_lower_bound_gib']:.2f} GiB "
+                  f"(ledger {r['pred_ledger'] / GIB:.2f} GiB); {r['incomplete']}")
     plot(res, os.path.join(out, "memory.png"))
 
 
@@ -302,7 +309,7 @@ def main(argv=None) -> int:
         algo, micro, T = cfg
         pred = predict(facts, algo, micro, T)
         # the run without micro-batching only when it fits the machine: ledger + the logits' gradient
-        if micro == 0 and (pred["ledger"] + pred["logits_grad"]) / 1e9 > NO_MICRO_LIMIT_GB:
+        if micro == PROMPTS * GROUP and (pred["ledger"] + pred["logits_grad"]) / 1e9 > NO_MICRO_LIMIT_GB:
             row = {"algo": algo, "micro": micro, "T": T, "skipped": f"predicted {(pred['ledger'] + pred['logits_grad']) / 1e9:.1f} GB "
                    f"(ledger {pred['ledger'] / 1e9:.1f} GB + logits gradient {pred['logits_grad'] / 1e9:.1f} GB) > {NO_MICRO_LIMIT_GB:.0f} GB"}
             row |= {f"pred_{k}": v for k, v in pred.items()}

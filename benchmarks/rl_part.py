@@ -68,8 +68,8 @@ class Run:
         B = cfg["prompts"] * cfg["group_size"]
         a = train.Args(algo=algo, group_size=cfg["group_size"], prompts_per_step=cfg["prompts"], max_new_tokens=cfg["T"],
                        minibatch_size=B // cfg["minibatches"], epochs=cfg["epochs"], beta=0.04, reward="math", seed=0,
-                       out=work_dir, lr=1e-5, critic_lr=1e-5, ent_coef=0.0, micro_batch_size=0)
-        self.a = plumbing.fill_model_defaults(a, world)  # loss_agg etc.; the values set above win
+                       out=work_dir, lr=1e-5, critic_lr=1e-5, ent_coef=0.0)
+        self.a = plumbing.fill_model_defaults(a, world)  # loss_agg, micro-batch = the whole minibatch (embedded default); the values set above win
         plumbing.check_args(self.a, world)
         model_dir = os.path.join(work_dir, f"model_{size}")
         if rank == 0:

@@ -273,7 +273,7 @@ def test_startup_and_eval_lines_stand_on_their_own_lines(base):
 ])
 def test_bad_input_is_one_line_exit_2(args, says, tmp_path, capsys):
     line = main_error(capsys, "--out", tmp_path / "out", *TINY, *args)
-    assert line.startswith("error: " + says), line
+    assert line.startswith("error: ") and says in line, line
     assert not os.path.exists(tmp_path / "out"), "nothing is created before the arguments are checked"
 
 
