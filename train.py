@@ -80,8 +80,45 @@ class Rollout:
         return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
 
 
+@dataclass
+class Run:
+    """Everything the loop needs, built once by plumbing.setup: the options, the models, the data, the samplers."""
+
+    args: "Args"
+    rank: int
+    world: int
+    device: torch.device
+    tok: object  # the policy's tokenizer
+    policy: torch.nn.Module  # π_θ (FSDP2)
+    ref: torch.nn.Module | None  # π_ref, frozen, compute dtype (None when --beta 0)
+    critic: torch.nn.Module | None  # V_φ (PPO)
+    reward_model: torch.nn.Module | None  # frozen r_φ (--reward-model)
+    rm_tok: object
+    reward_fns: list  # [(name, weight, fn)]
+    optimizers: list  # AdamW for the policy, and for the critic (PPO)
+    train_rows: list  # [(prompt text as the policy sees it, answer, token ids)]
+    eval_rows: list
+    sample_config: object  # GenerationConfig: temperature only, every EOS
+    greedy_config: object
+    eos_ids: list
+    hf_generation_config: object  # the checkpoint's own generation config, restored in the export
+    beta: float  # β now (adapted with --kl-target)
+    eval_samples: list = field(default_factory=list)
+
+    def trained_models(self) -> list:
+        return [m for m in (self.policy, self.critic) if m is not None]
+
+    def optimizer_step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+
 # ======================================================================================================================
-# The RL step
+# The RL step and the loop
 # ======================================================================================================================
 def rl_step(run, step: int) -> dict:
     """One iteration: sample → score → log-probs/values → advantages → epochs of clipped updates → the logged row."""
@@ -110,6 +147,57 @@ def rl_step(run, step: int) -> dict:
     timer.lap("update")
     row = step_metrics(run, batch) | stats | timer.times | {"step_time_s": timer.total()}
     return row | {"tokens_per_s": row.pop("_tokens") / timer.total()} | plumbing.peak_memory_gib(run.device)
+
+
+def train(run, start: int, metrics) -> None:
+    """Steps start+1 … --steps; evaluation every --eval-every steps, a checkpoint and export every --save-every."""
+    from tqdm import tqdm
+
+    args = run.args
+    if start == 0 and args.eval_size:
+        row = evaluate(run)
+        metrics.write({"step": 0} | row)
+        log(run, f"step 0 eval_accuracy {row['eval_accuracy']:.3f} (of {row['eval_n']} prompts)")
+    if start >= args.steps and args.steps > 0:
+        log(run, f"the run in {args.out} is already complete at step {start} (--steps {args.steps}): nothing to do; "
+                 "a larger --steps with --resume extends it")
+        return
+    bar = tqdm(range(start + 1, args.steps + 1), disable=run.rank != 0, desc=args.algo, dynamic_ncols=True)
+    for step in bar:
+        for opt, base in zip(run.optimizers, (args.lr, args.critic_lr)):  # a pure function of the step
+            for group in opt.param_groups:
+                group["lr"] = base * (1 - (step - 1) / args.steps if args.lr_schedule == "linear" else 1.0)
+        row = rl_step(run, step) | {"lr": run.optimizers[0].param_groups[0]["lr"]}
+        metrics.write({"step": step} | row)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}" if row["kl"] is not None else "-")
+        if args.kl_target and row["kl"] is not None:  # β for the next step (Ziegler et al. 2019)
+            run.beta = ppo.adaptive_kl_beta(run.beta, row["kl"], args.kl_target, args.kl_horizon, args.prompts_per_step * args.group_size)
+        if args.eval_size and (step % args.eval_every == 0 or step == args.steps):
+            ev = evaluate(run)
+            metrics.write({"step": step} | ev)
+            log(run, f"step {step} eval_accuracy {ev['eval_accuracy']:.3f} (of {ev['eval_n']}) reward_mean {row['reward_mean']:.3f}")
+        if (args.save_every and step % args.save_every == 0) or step == args.steps:
+            save(run, step)
+    bar.close()
+
+
+def save(run, step: int) -> None:
+    """A checkpoint (models, optimizers, β), the Hugging Face export, the last evaluation's completions."""
+    trainables = {"policy": (run.policy, run.optimizers[0])} | ({"critic": (run.critic, run.optimizers[1])} if run.critic else {})
+    plumbing.save_checkpoint(run.args, step, trainables, {"beta": run.beta})
+    if run.args.export:
+        plumbing.export_hf(run.policy, run.tok, run.hf_generation_config, run.args.out)
+    if run.rank == 0 and run.eval_samples:
+        plumbing.write_jsonl(os.path.join(run.args.out, "eval_completions.jsonl"), run.eval_samples)
+
+
+def log(run, text: str) -> None:
+    """One line from rank 0, on its own line even while the progress bar is drawn."""
+    if run.rank == 0:
+        from tqdm import tqdm
+
+        tqdm.write(text)  # on its own line, never glued to the progress bar
+        sys.stdout.flush()
 
 
 def prompts_for_step(run, step: int) -> list:
@@ -392,93 +480,6 @@ def evaluate(run) -> dict:
     correct, n = global_sum(sum(s["correct"] for s in samples), len(samples))
     run.eval_samples = [s for rank_samples in plumbing.all_gather_objects(samples) for s in rank_samples]
     return {"eval_accuracy": correct / max(n, 1), "eval_n": int(n)}
-
-
-# ======================================================================================================================
-# The run: everything the loop needs, built once; then the loop
-# ======================================================================================================================
-@dataclass
-class Run:
-    args: "Args"
-    rank: int
-    world: int
-    device: torch.device
-    tok: object  # the policy's tokenizer
-    policy: torch.nn.Module  # π_θ (FSDP2)
-    ref: torch.nn.Module | None  # π_ref, frozen, compute dtype (None when --beta 0)
-    critic: torch.nn.Module | None  # V_φ (PPO)
-    reward_model: torch.nn.Module | None  # frozen r_φ (--reward-model)
-    rm_tok: object
-    reward_fns: list  # [(name, weight, fn)]
-    optimizers: list  # AdamW for the policy, and for the critic (PPO)
-    train_rows: list  # [(prompt text as the policy sees it, answer, token ids)]
-    eval_rows: list
-    sample_config: object  # GenerationConfig: temperature only, every EOS
-    greedy_config: object
-    eos_ids: list
-    hf_generation_config: object  # the checkpoint's own generation config, restored in the export
-    beta: float  # β now (adapted with --kl-target)
-    eval_samples: list = field(default_factory=list)
-
-    def trained_models(self) -> list:
-        return [m for m in (self.policy, self.critic) if m is not None]
-
-    def optimizer_step(self) -> None:
-        for opt in self.optimizers:
-            opt.step()
-
-    def zero_grad(self) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-
-
-def train(run, start: int, metrics) -> None:
-    """Steps start+1 … --steps; evaluation every --eval-every steps, a checkpoint and export every --save-every."""
-    from tqdm import tqdm
-
-    args = run.args
-    if start == 0 and args.eval_size:
-        row = evaluate(run)
-        metrics.write({"step": 0} | row)
-        log(run, f"step 0 eval_accuracy {row['eval_accuracy']:.3f} (of {row['eval_n']} prompts)")
-    if start >= args.steps and args.steps > 0:
-        log(run, f"the run in {args.out} is already complete at step {start} (--steps {args.steps}): nothing to do; "
-                 "a larger --steps with --resume extends it")
-        return
-    bar = tqdm(range(start + 1, args.steps + 1), disable=run.rank != 0, desc=args.algo, dynamic_ncols=True)
-    for step in bar:
-        for opt, base in zip(run.optimizers, (args.lr, args.critic_lr)):  # a pure function of the step
-            for group in opt.param_groups:
-                group["lr"] = base * (1 - (step - 1) / args.steps if args.lr_schedule == "linear" else 1.0)
-        row = rl_step(run, step) | {"lr": run.optimizers[0].param_groups[0]["lr"]}
-        metrics.write({"step": step} | row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}" if row["kl"] is not None else "-")
-        if args.kl_target and row["kl"] is not None:  # β for the next step (Ziegler et al. 2019)
-            run.beta = ppo.adaptive_kl_beta(run.beta, row["kl"], args.kl_target, args.kl_horizon, args.prompts_per_step * args.group_size)
-        if args.eval_size and (step % args.eval_every == 0 or step == args.steps):
-            ev = evaluate(run)
-            metrics.write({"step": step} | ev)
-            log(run, f"step {step} eval_accuracy {ev['eval_accuracy']:.3f} (of {ev['eval_n']}) reward_mean {row['reward_mean']:.3f}")
-        if (args.save_every and step % args.save_every == 0) or step == args.steps:
-            save(run, step)
-    bar.close()
-
-
-def save(run, step: int) -> None:
-    trainables = {"policy": (run.policy, run.optimizers[0])} | ({"critic": (run.critic, run.optimizers[1])} if run.critic else {})
-    plumbing.save_checkpoint(run.args, step, trainables, {"beta": run.beta})
-    if run.args.export:
-        plumbing.export_hf(run.policy, run.tok, run.hf_generation_config, run.args.out)
-    if run.rank == 0 and run.eval_samples:
-        plumbing.write_jsonl(os.path.join(run.args.out, "eval_completions.jsonl"), run.eval_samples)
-
-
-def log(run, text: str) -> None:
-    if run.rank == 0:
-        from tqdm import tqdm
-
-        tqdm.write(text)  # on its own line, never glued to the progress bar
-        sys.stdout.flush()
 
 
 # ======================================================================================================================
