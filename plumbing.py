@@ -19,6 +19,7 @@ import shutil
 import socket
 import sys
 import time
+import types
 import typing
 import warnings
 
@@ -65,7 +66,7 @@ def parse_args(args_class, argv=None):
     hints = typing.get_type_hints(args_class)
     for f in dataclasses.fields(args_class):
         flag, typ, kw = "--" + f.name.replace("_", "-"), hints[f.name], {}
-        if typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", None)):  # X | None
+        if typing.get_origin(typ) in (typing.Union, types.UnionType):  # X | None
             typ = next(t for t in typing.get_args(typ) if t is not type(None))
         if typing.get_origin(typ) is typing.Literal:  # also Literal[...] | None, e.g. --loss-agg
             typ, kw = str, {"choices": typing.get_args(typ)}
