@@ -426,9 +426,10 @@ def policy_loss(run, part: Rollout, logprobs, entropy, n_tok: float, n_seq: floa
     out = grpo.grpo_loss(pg, logprobs, part.ref_logprobs, mask, beta=run.beta, kl_estimator=args.kl_estimator,
                          loss_agg=args.loss_agg, max_len=args.max_new_tokens, num_sequences=n_seq, num_tokens=n_tok)
     out.pop("kl", None)  # the logged kl is the rollout's KL to the reference (step_metrics)
-    out["entropy"] = ppo.masked_mean(entropy, mask, n_tok).detach()
+    mean_entropy = ppo.masked_mean(entropy, mask, n_tok)  # ()
+    out["entropy"] = mean_entropy.detach()
     if args.ent_coef:  # − c_h·H (no V-wide backward term when c_h = 0)
-        out["loss"] = out["loss"] - args.ent_coef * ppo.masked_mean(entropy, mask, n_tok)
+        out["loss"] = out["loss"] - args.ent_coef * mean_entropy
     ratio = torch.exp(logprobs - part.old_logprobs).detach()  # (b, T)
     out["clipfrac"] = ppo.clip_fraction(ratio, adv, mask, args.eps, eps_high or args.eps, num_tokens=n_tok)
     out["approx_kl"] = ppo.approx_kl(logprobs.detach(), part.old_logprobs, mask, num_tokens=n_tok)

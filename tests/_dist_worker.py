@@ -126,7 +126,7 @@ def run_generate(model_dir: str, out_dir: str) -> None:
     calls dist.all_gather_single; the others are counted too so that a change of entry point cannot hide calls)."""
     from torch.distributed.fsdp import FSDPModule
 
-    rank, world, device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+    rank, device = dist.get_rank(), torch.device("cpu")
     tok = plumbing.load_tokenizer(model_dir)
     policy = plumbing.load_sharded("causal", model_dir, torch.float32, device, False)[0]
     n_fsdp_modules = sum(isinstance(m, FSDPModule) for m in policy.modules())
