@@ -544,7 +544,9 @@ class Args:
     save_every: int = arg(100, "checkpoint (and export to OUT/hf) every this many steps; 0 = only at the end")
     keep_checkpoints: int = arg(2, "complete checkpoints kept")
     export: bool = arg(True, "write the policy as a Hugging Face checkpoint to OUT/hf with each checkpoint")
-    sft_steps: int = arg(300, "embedded task only: supervised warm-start steps (the SFT checkpoint)")
+    sft_target: float = arg(0.6, "embedded task only: the warm start (SFT checkpoint) trains until greedy accuracy on "
+                                 "200 held-out training prompts reaches this")
+    sft_steps: int = arg(2000, "embedded task only: the most supervised warm-start steps")
     seed: int = arg(0, "random seed")
     out: str = arg("", "output directory; unset: out/<algo>")
     resume: bool = arg(False, "resume from the newest complete checkpoint in --out")

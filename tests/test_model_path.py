@@ -179,3 +179,23 @@ def test_on_policy_update_reuses_its_first_forward_with_the_same_loss_and_gradie
         assert math.isclose(s0[k], s1[k], rel_tol=0, abs_tol=1e-6), (k, s0[k], s1[k])
     assert max((p1[n] - p0[n]).abs().max().item() for n in p0) < 1e-6
     assert max((p1[n] - AutoModelForCausalLM.from_pretrained(qwen_dir).state_dict()[n]).abs().max().item() for n in p0) > 1e-4
+
+
+def test_one_fp32_process_loads_a_plain_module_with_the_checkpoints_weights(qwen_dir, one_process_group):
+    """One process in fp32 has nothing to shard: load_sharded returns a plain module (no FSDP2 flat-buffer copies
+    around every forward and backward), holding exactly the checkpoint's parameters and buffers. Two ranks shard
+    (test_train.test_generate_gathers_parameters_once_per_rollout counts the FSDP modules there), and the 1-rank
+    and 2-rank updates give the same parameters (test_train's fsdp_runs compare them)."""
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import AutoModelForCausalLM
+
+    model, shapes, _ = plumbing.load_sharded("causal", qwen_dir, torch.float32, torch.device("cpu"), False)
+    reference = AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.float32)
+    assert not any(isinstance(m, FSDPModule) for m in model.modules())
+    assert reference.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight  # one tensor
+    assert shapes == [tuple(p.shape) for p in reference.parameters()]
+    assert len(list(model.named_parameters())) == len(list(reference.named_parameters()))
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert type(p) is torch.nn.Parameter and torch.equal(p, q), name
+    for (name, b), (_, c) in zip(model.named_buffers(), reference.named_buffers()):
+        assert torch.equal(b, c), name
