@@ -60,7 +60,16 @@ def run_cell(algo: str, seed: int, ranks: int, extra: list[str]) -> dict:
 
 
 def passes(c: dict) -> bool:
-    return c["returncode"] == 0 and c["final"] is not None and c["final"] >= TARGET_ACCURACY and c["wall_s"] <= TARGET_SECONDS
+    return not misses(c)
+
+
+def misses(c: dict) -> str:
+    """Why a cell misses the target ('' when it meets it)."""
+    if c["returncode"] != 0 or c["final"] is None:
+        return f"failed ({c.get('error', 'no evaluation')})"
+    why = [f"accuracy {c['final']:.3f} < {TARGET_ACCURACY}"] if c["final"] < TARGET_ACCURACY else []
+    why += [f"wall {c['wall_s']:.0f} s > {TARGET_SECONDS:.0f} s"] if c["wall_s"] > TARGET_SECONDS else []
+    return ", ".join(why)
 
 
 def table(cells: list[dict], machine: str) -> str:
@@ -74,7 +83,7 @@ def table(cells: list[dict], machine: str) -> str:
         if acc:
             acc[-1] = f"**{acc[-1]}**"
         warm = f"{c.get('sft_steps', '?')} steps, {c.get('sft_accuracy', float('nan')):.3f}"
-        verdict = "met" if passes(c) else "MISSED" + (f" ({c['error']})" if "error" in c else "")
+        verdict = "met" if passes(c) else "**missed**: " + misses(c)
         lines.append(f"| {c['algo']} | {c['ranks']} | {c['seed']} | {warm} | " + " | ".join(acc) + f" | {c['wall_s']:.0f} | {verdict} |")
     lines += ["", summary(cells)]
     return "\n".join(lines) + "\n"
@@ -128,14 +137,17 @@ def main() -> int:
     ap.add_argument("--algos", default="grpo,ppo")
     ap.add_argument("--keep", action="store_true", help="keep the cells already in grid.json; run only the missing ones")
     ap.add_argument("--name", default="grid", help="results file stem under benchmarks/results/")
+    ap.add_argument("--report", action="store_true", help="only rewrite the table and plot from the JSON")
     ap.add_argument("extra", nargs="*", help="more train.py options after --, e.g. -- --steps 300 (then not the default)")
     a = ap.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     stem = os.path.join(RESULTS, a.name)
-    cells = json.load(open(stem + ".json"))["cells"] if a.keep and os.path.exists(stem + ".json") else []
+    saved = json.load(open(stem + ".json")) if (a.keep or a.report) and os.path.exists(stem + ".json") else {}
+    cells = saved.get("cells", [])
     done = {(c["algo"], c["ranks"], c["seed"]) for c in cells}
-    machine = f"{cpu_name()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, python {platform.python_version()}"
-    for algo in a.algos.split(","):
+    machine = saved.get("machine") or \
+        f"{cpu_name()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, python {platform.python_version()}"
+    for algo in [] if a.report else a.algos.split(","):
         for ranks in map(int, a.ranks.split(",")):
             for seed in map(int, a.seeds.split(",")):
                 if (algo, ranks, seed) in done:
