@@ -415,7 +415,8 @@ def build_embedded_model(path: str, args, data_dir: str) -> float:
         if done % SFT_CHECK_EVERY == 0 or done == args.sft_steps:
             accuracy = greedy_accuracy(model, tok, held_out)
     print(f"warm start: {done} supervised steps, greedy accuracy {accuracy:.3f} on {len(held_out)} held-out training prompts "
-          f"(--sft-target {args.sft_target})", flush=True)
+          f"(--sft-target {args.sft_target}" + ("" if accuracy >= args.sft_target else ", not reached: capped by --sft-steps")
+          + ")", flush=True)
     tmp = path + f".tmp-{os.getpid()}"
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

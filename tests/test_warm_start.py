@@ -45,28 +45,29 @@ def task(tmp_path_factory):
     return data, held_out
 
 
-def build(tmp_path, data, target: float, cap: int, capsys) -> tuple[float, int, str]:
+def build(tmp_path, data, target: float, cap: int, capsys) -> tuple[float, int, str, str]:
     path = str(tmp_path / f"sft_{target}_{cap}")
     accuracy = plumbing.build_embedded_model(path, SimpleNamespace(seed=0, sft_target=target, sft_steps=cap), str(data))
     line = [s for s in capsys.readouterr().out.splitlines() if s.startswith("warm start:")][-1]
-    return accuracy, int(line.split()[2]), path
+    return accuracy, int(line.split()[2]), path, line
 
 
 def test_stops_at_the_first_check_that_reaches_the_target(tmp_path, task, capsys):
     data, held_out = task
     target = 0.15
-    accuracy, steps, path = build(tmp_path, data, target, 1000, capsys)
+    accuracy, steps, path, line = build(tmp_path, data, target, 1000, capsys)
     assert accuracy >= target and 0 < steps < 1000 and steps % plumbing.SFT_CHECK_EVERY == 0
+    assert "not reached" not in line
     assert naive_greedy_accuracy(path, held_out) == pytest.approx(accuracy)  # the saved model is the one measured
     # the same run capped one check earlier (same seed, same batches) had not reached it: the first crossing
-    before, steps_before, _ = build(tmp_path, data, target, steps - plumbing.SFT_CHECK_EVERY, capsys)
+    before, steps_before, _, _ = build(tmp_path, data, target, steps - plumbing.SFT_CHECK_EVERY, capsys)
     assert steps_before == steps - plumbing.SFT_CHECK_EVERY and before < target
 
 
 def test_sft_steps_caps_the_phase(tmp_path, task, capsys):
     data, held_out = task
-    accuracy, steps, path = build(tmp_path, data, 0.99, 5, capsys)
-    assert steps == 5 and accuracy < 0.99
+    accuracy, steps, path, line = build(tmp_path, data, 0.99, 5, capsys)
+    assert steps == 5 and accuracy < 0.99 and "not reached: capped by --sft-steps" in line
     assert naive_greedy_accuracy(path, held_out) == pytest.approx(accuracy)
 
 
