@@ -64,10 +64,12 @@ def compute_gae(
     return advantages, returns
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over positions where mask is 1."""
-    # x̄ = Σ m·x / Σ m
-    return (x * mask).sum() / mask.sum().clamp(min=1)  # ()
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
+    """Σ m·x / N with N = Σ m, or a given N (the global token count / world size when ranks split a batch).
+    The same function as ppo.masked_mean: each module keeps its own copy, so that either can be copied alone."""
+    n = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+    # x̄ = Σ_t m_t x_t / N
+    return (x * mask).sum() / n  # ()
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -79,12 +81,15 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return sq / (n - 1).clamp(min=1) if unbiased else sq / n.clamp(min=1)  # ()
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """Advantage whitening over valid tokens: (x − mean)/(std + ε), 0 on padding.
 
-    Document 000, "PyTorch: The Real PPO Loss", line 79 of its listing (`adv = (adv - adv.mean()) / (adv.std() + 1e-8)`),
-    with masked statistics so padding does not move the mean. shift_mean=False normalises the spread and keeps the
-    mean, (x − mean)/(std + ε) + mean (TRL's `whiten`), so a constant input comes back unchanged.
+    Document 000, "PyTorch: The Real PPO Loss", line 79 of its listing
+    (`adv = (adv - adv.mean()) / (adv.std() + 1e-8)`), with masked statistics so padding does not move the mean.
+    shift_mean=False normalises the spread and keeps the mean, (x − mean)/(std + ε) + mean (TRL's `whiten`), so a
+    constant input comes back unchanged.
     Exact on constant input: the statistics are taken in float64 of x − x_0, x_0 the first valid element, so equal
     values give differences of exactly 0, mean 0, std 0 and Â = 0/(0 + ε) = 0 (a float32 mean of equal values is
     inexact and would leave a std of ~1e-7 that ε = 1e-8 cannot hide). Returned in x's dtype.

@@ -54,7 +54,7 @@ LOSS_AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-no
 
 
 def _shifted(rewards: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 R_i − R_first (R_first the group's first valid reward), 0 where invalid; and the valid mask as float64."""
+    """float64 R_i − R_first (R_first the group's first valid reward), 0 where invalid; and the valid mask, float64."""
     v = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()  # (P, G)
     first = torch.argmax(v.to(torch.uint8), dim=-1, keepdim=True)  # (P, 1) argmax returns the first maximum
     r = rewards.double()  # (P, G)
@@ -147,42 +147,32 @@ def aggregate_loss(
         return (per_token * mask).sum() / n_tok  # ()
     if mode == "seq-mean-token-sum-norm":
         if max_len is None:
-            raise ValueError("seq-mean-token-sum-norm (Dr.GRPO) needs max_len, the constant L_max (e.g. max new tokens)")
+            raise ValueError("seq-mean-token-sum-norm (Dr.GRPO) needs max_len, the constant L_max (max new tokens)")
         # Σ_{i,t} ℓ_{i,t} / (B · L_max)
         return (per_token * mask).sum() / (n_seq * max_len)  # ()
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(LOSS_AGGREGATIONS)}")
 
 
 def grpo_loss(
-    pg_loss: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor | None,
-    mask: torch.Tensor,
-    *,
-    beta: float = 0.04,
-    kl_estimator: str = "k3",
-    loss_agg: str = "seq-mean-token-mean",
-    max_len: int | None = None,
-    num_sequences: float | None = None,
-    num_tokens: float | None = None,
+    pg_loss: torch.Tensor, kl: torch.Tensor | None, mask: torch.Tensor, beta: float = 0.04,
+    loss_agg: str = "seq-mean-token-mean", max_len: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """GRPO's loss: the per-token clipped surrogate plus β·k to the reference, aggregated (document 001, "The loss in code").
+    """GRPO's loss: the per-token clipped surrogate plus β·k to the reference, aggregated (document 001, "The loss
+    in code").
 
     pg_loss: (B, T) PPO's clipped surrogate with A_i broadcast to every token (document 001 "(b) PPO-clip surrogate"),
     i.e. ppo.clipped_surrogate_loss(logprobs, old_logprobs, A[:, None], ...): one surrogate for both algorithms.
-    Returns "loss", "policy_loss" (aggregated pg_loss, detached) and "kl" (aggregated k, detached; absent when
-    ref_logprobs is None or beta == 0).
+    kl: (B, T) a KL estimate per token, e.g. kl_k3(logprobs, ref_logprobs), or None (no reference).
+    Returns "loss", "policy_loss" (aggregated pg_loss, detached) and "kl" (aggregated k, detached; absent when kl is
+    None or beta == 0). The trainer aggregates the same terms with the minibatch's global counts (train.py,
+    minibatch_gradients).
     """
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
     mask = mask.to(pg_loss.dtype)  # (B, T)
+    out = {"policy_loss": aggregate_loss(pg_loss.detach(), mask, loss_agg, max_len)}
     per_token = pg_loss  # (B, T)
-    out = {}
-    if ref_logprobs is not None and beta != 0.0:
-        kl = KL_ESTIMATORS[kl_estimator](logprobs, ref_logprobs)  # (B, T)
+    if kl is not None and beta != 0.0:
         # ℓ_t = ℓ^CLIP_t + β k_t
         per_token = pg_loss + beta * kl  # (B, T)
-        out["kl"] = aggregate_loss(kl.detach(), mask, loss_agg, max_len, num_sequences, num_tokens)
-    out["policy_loss"] = aggregate_loss(pg_loss.detach(), mask, loss_agg, max_len, num_sequences, num_tokens)
-    out["loss"] = aggregate_loss(per_token, mask, loss_agg, max_len, num_sequences, num_tokens)
+        out["kl"] = aggregate_loss(kl.detach(), mask, loss_agg, max_len)
+    out["loss"] = aggregate_loss(per_token, mask, loss_agg, max_len)
     return out

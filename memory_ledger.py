@@ -106,26 +106,26 @@ def ledger(
     *,
     accounting: str = "mixed_fp16",
     n_tensors: int = 0,
-    activation_bytes: int = 0,
-    overhead_bytes: int = 0,
-    frozen_bytes_per_param: int = FROZEN_BYTES_PER_PARAM,
+    given: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Bytes per row for one RL step of `algo` ("ppo" or "grpo") with every model of `n_params` parameters.
 
     PPO = policy + critic (trained) + reference + reward model (frozen); GRPO drops the critic rows (004 "Memory
-    comparison"). `reward_model=False` models a verifiable reward (no RM). `activation_bytes` and `overhead_bytes` are
-    taken as given (000's 70B table: 120e9 and 80e9). Returns {row: bytes} with a final "total".
+    comparison"). `reward_model=False` models a verifiable reward (no RM). `given` holds the rows taken as they are,
+    "activations" and "overhead" (000's 70B table: 120e9 and 80e9; 0 when absent). Returns {row: bytes} with a final
+    "total".
     """
     if algo not in ALGOS:
         raise ValueError(f"unknown algo {algo!r}; expected one of {ALGOS} (PPO trains a critic, GRPO does not)")
     rows = trainable_rows(numel=n_params, n_tensors=n_tensors, accounting=accounting, name="policy")  # 16 B/param
     if algo == "ppo":
         rows |= trainable_rows(numel=n_params, n_tensors=n_tensors, accounting=accounting, name="critic")  # 16 B/param
-    rows["reference.weights"] = frozen_bytes_per_param * n_params  # frozen π_ref for the KL anchor, 2 B/param
+    rows["reference.weights"] = FROZEN_BYTES_PER_PARAM * n_params  # frozen π_ref for the KL anchor, 2 B/param
     if reward_model:
-        rows["reward_model.weights"] = frozen_bytes_per_param * n_params  # frozen r_φ, 2 B/param
-    rows["activations"] = activation_bytes  # given (000: ~120 GB at 70B) or from activation_bytes_estimate()
-    rows["overhead"] = overhead_bytes  # given (000: NCCL buffers + framework ~80 GB at 70B)
+        rows["reward_model.weights"] = FROZEN_BYTES_PER_PARAM * n_params  # frozen r_φ, 2 B/param
+    given = given or {}
+    rows["activations"] = given.get("activations", 0)  # 000: ~120 GB at 70B, or activation_bytes_estimate()
+    rows["overhead"] = given.get("overhead", 0)  # 000: NCCL buffers + framework ~80 GB at 70B
     rows["total"] = sum(rows.values())
     return rows
 
@@ -246,7 +246,7 @@ def _summary(ppo: dict[str, int], grpo: dict[str, int]) -> str:
 
 if __name__ == "__main__":
     # 000 "At Massive Scale: The 70B PPO Memory Bill": its activation (~120 GB) and overhead (~80 GB) rows, both algos
-    doc_rows = dict(activation_bytes=120 * GB, overhead_bytes=80 * GB)
+    doc_rows = dict(given={"activations": 120 * GB, "overhead": 80 * GB})
     ppo70, grpo70 = ledger(70 * 10**9, "ppo", **doc_rows), ledger(70 * 10**9, "grpo", **doc_rows)
     print("70B, mixed-precision AdamW, document 000's activation and overhead rows")
     print(format_table({"PPO": ppo70, "GRPO": grpo70}))
@@ -257,7 +257,8 @@ if __name__ == "__main__":
           f"(policy + critic {2 * act70 / GB:.1f} GB vs the document's ~120 GB)\n")
     # 7B (Llama-2-7B shape: L=32, h=4096, a=32), b=8, s=4096, full recomputation; one activation set per trained model
     act7 = activation_bytes_estimate(seq_len=4096, batch=8, hidden=4096, heads=32, n_layers=32, recompute=True)
-    ppo7, grpo7 = ledger(7 * 10**9, "ppo", activation_bytes=2 * act7), ledger(7 * 10**9, "grpo", activation_bytes=act7)
+    ppo7 = ledger(7 * 10**9, "ppo", given={"activations": 2 * act7})
+    grpo7 = ledger(7 * 10**9, "grpo", given={"activations": act7})
     print("7B, mixed-precision AdamW, activations estimated (full recompute, b=8, s=4096), no overhead row")
     print(format_table({"PPO": ppo7, "GRPO": grpo7}))
     print(_summary(ppo7, grpo7))

@@ -11,14 +11,11 @@ objective for RLHF").
     L^V_t = (V_φ(s_t) − R_t)²,   R_t = A_t + V_φold(s_t)                                     per-token critic loss
     H_t   = −Σ_a π_θ(a|s_t) log π_θ(a|s_t)                                                   per-token entropy
     r_t   = −β (log π_θ(a_t|s_t) − log π_ref(a_t|s_t))  (+ reward-model score at the last token)   KL shaping
-    L     = mean_t L^CLIP_t + c_v·mean_t L^V_t − c_h·mean_t H_t                               composite loss
+    L     = mean_t L^CLIP_t + c_v·mean_t L^V_t − c_h·mean_t H_t  (−J_PPO + c_v·L_V − c_h·H)    composite loss
     stop the epochs when approx_kl > KL_target, or β_{t+1} = β_t·(1 + K_β·clip(KL_t/KL_target − 1, ±0.2))    KL control
 
-Erratum (document 000, "Manual Numerical Walkthrough", step 4): the text says every ratio of the 6-token example
-lies inside the clip window [0.8, 1.2]; but ρ_3 = exp(0.20) = 1.2214 > 1.2 and A_3 > 0, so clipping is active at
-token 3. The document's own NumPy listing does clip (np.minimum with np.clip), and that gives L_PPO = −0.4821 and
-L = −0.3742, not the −0.484 and −0.376 printed in steps 5 and 7, which drop the clip (−0.4838, −0.3759). The math
-decides; tests/test_worked_example.py recomputes both by hand and pins the clipped values.
+Document 000's walkthrough misses an active clip at token 3 (its printed L_PPO and L drop it): README.md, "Errata in the
+documents"; tests/test_worked_example.py pins the clipped values.
 
 Shapes: B sequences, T completion tokens, V vocabulary.
 
@@ -32,7 +29,7 @@ Shapes: B sequences, T completion tokens, V vocabulary.
 | V_φ, V_φold   | values, old_values| (B, T)    | critic predictions now and at rollout time (V_ψ in 004)    |
 | R_t           | returns           | (B, T)    | value targets                                              |
 | m_t           | mask              | (B, T)    | 1 for completion tokens                                    |
-| ε, ε_low/high | eps, eps_low/high | scalar    | clip range (asymmetric: DAPO's clip-higher)                |
+| ε, ε_high    | eps, eps_high     | scalar    | clip range 1−ε … 1+ε_high (DAPO's clip-higher: ε_high > ε) |
 | c             | dual_clip         | scalar    | dual-clip bound for A < 0 (Ye et al. 2020), c > 1          |
 | H_t           | entropy           | (B, T)    | per-token entropy of π_θ                                   |
 | c_v, c_h      | vf_coef, ent_coef | scalar    | value-loss and entropy-bonus coefficients                  |
@@ -45,7 +42,8 @@ import torch
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
-    """Σ m·x / N with N = Σ m, or a given N (the global token count when the batch is split across ranks)."""
+    """Σ m·x / N with N = Σ m, or a given N (the global token count / world size when ranks split a batch).
+    The same function as gae.masked_mean: each module keeps its own copy, so that either can be copied alone."""
     n = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     # E_t[x] = Σ_t m_t x_t / N
     return (x * mask).sum() / n  # ()
@@ -56,27 +54,25 @@ def clipped_surrogate_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     eps: float = 0.2,
-    eps_low: float | None = None,
     eps_high: float | None = None,
     dual_clip: float | None = None,
 ) -> torch.Tensor:
-    """Per-token −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), unreduced (B, T). Mask and reduce it yourself.
+    """Per-token −min(ρA, clip(ρ, 1−ε, 1+ε_high)A), unreduced (B, T); ε_high = ε unless given. Mask and reduce it.
 
     Gradient (document 002, "Understanding the Per-Token Surrogate"): −ρA·∇log π inside the band; exactly 0 when
-    A > 0 and ρ > 1+ε_high, or A < 0 and ρ < 1−ε_low. With dual_clip = c, a token with A < 0 and ρ > c has its
+    A > 0 and ρ > 1+ε_high, or A < 0 and ρ < 1−ε. With dual_clip = c, a token with A < 0 and ρ > c has its
     loss capped at −c·A (gradient 0), bounding the damage of a huge ratio on a bad token.
     """
-    eps_low = eps if eps_low is None else eps_low
     eps_high = eps if eps_high is None else eps_high
-    if not eps_high >= eps_low > 0:
-        raise ValueError(f"clip range needs eps_high >= eps_low > 0, got eps_low={eps_low}, eps_high={eps_high}")
+    if not eps_high >= eps > 0:
+        raise ValueError(f"clip range needs eps_high >= eps > 0, got eps={eps}, eps_high={eps_high}")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1 (it caps the loss at -c·A for A < 0), got {dual_clip}")
     # ρ_t = exp(log π_θ − log π_θold)
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
     # −ρ_t A_t  and  −clip(ρ_t, 1−ε, 1+ε) A_t
     unclipped = -ratio * advantages  # (B, T)
-    clipped = -torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages  # (B, T)
+    clipped = -torch.clamp(ratio, 1.0 - eps, 1.0 + eps_high) * advantages  # (B, T)
     # L^CLIP_t = −min(ρA, clip(ρ)A) = max(−ρA, −clip(ρ)A)
     loss = torch.maximum(unclipped, clipped)  # (B, T)
     if dual_clip is not None:
@@ -134,20 +130,17 @@ def kl_shaped_rewards(
 
 
 def clip_fraction(
-    ratio: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
+    ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps: float = 0.2, eps_high: float | None = None,
     num_tokens: float | None = None,
 ) -> torch.Tensor:
-    """clipfrac: the fraction of valid tokens whose gradient the clip zeroes (A > 0, ρ > 1+ε or A < 0, ρ < 1−ε).
+    """clipfrac: the fraction of valid tokens whose gradient the clip zeroes (A > 0, ρ > 1+ε_high or A < 0, ρ < 1−ε).
 
     cleanrl counts |ρ − 1| > ε instead, which also counts tokens where the min picks the unclipped branch and the
     gradient still flows; we count only the tokens the trust region actually stopped.
     """
-    # clipped_t = [A_t > 0 ∧ ρ_t > 1+ε] ∨ [A_t < 0 ∧ ρ_t < 1−ε]
-    clipped = ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - eps_low))  # (B, T)
+    eps_high = eps if eps_high is None else eps_high
+    # clipped_t = [A_t > 0 ∧ ρ_t > 1+ε_high] ∨ [A_t < 0 ∧ ρ_t < 1−ε]
+    clipped = ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - eps))  # (B, T)
     return masked_mean(clipped.to(ratio.dtype), mask.to(ratio.dtype), num_tokens)  # ()
 
 
@@ -164,11 +157,25 @@ def approx_kl(
     return masked_mean(torch.expm1(logratio) - logratio, mask.to(logratio.dtype), num_tokens)  # ()
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def policy_diagnostics(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    clip_range: tuple[float, float], num_tokens: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """The logged health of an update, the same for PPO and GRPO: clipfrac and approx_kl (detached).
+    clip_range is (ε, ε_high); advantages are (B, T) or a per-sequence (B, 1) broadcast to every token."""
+    logprobs = logprobs.detach()  # (B, T)
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    return {"clipfrac": clip_fraction(ratio, advantages, mask, *clip_range, num_tokens=num_tokens),
+            "approx_kl": approx_kl(logprobs, old_logprobs, mask, num_tokens)}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, rtol: float = 1e-4):
     """explained_variance = 1 − Var[R − V] / Var[R] over valid tokens: 1 is a perfect critic, ≤ 0 a useless one.
 
-    NaN when the returns do not vary. Exact for constant returns: the variances are taken in float64 of x − x_0
-    (x_0 the first valid element), so equal returns give Var[R] = 0 exactly, not the ~1e-14 of a float32 mean.
+    NaN when the returns do not vary up to rounding: std(R) ≤ rtol · max(|R|, |V|). Returns come from R_t = A_t + V_t,
+    so they carry the values' float32 rounding (~1e-7·|V| per operation, more over a long GAE sum): all-zero rewards
+    give returns of ±1e-8 once the critic has moved, and 1 − Var[R − V]/Var[R] would then read −2e15. The variances
+    are taken in float64 of x − x_0 (x_0 the first valid element), so equal returns give Var[R] = 0 exactly.
     """
     m = mask.double()  # (B, T)
     n = m.sum().clamp(min=2)  # ()
@@ -178,56 +185,25 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     e = (err - err.flatten()[first]) * m  # (B, T) shifted errors
     var_r = (((r - r.sum() / n) ** 2) * m).sum() / (n - 1)  # ()
     var_err = (((e - e.sum() / n) ** 2) * m).sum() / (n - 1)  # ()
-    # EV = 1 − Var[R − V] / Var[R]   (NaN when the returns do not vary)
-    ev = 1.0 - var_err / var_r if var_r > 0 else torch.full_like(var_r, float("nan"))  # ()
+    scale = torch.maximum(returns.double().abs(), values.double().abs()).mul(m).max()  # () max |R|, |V| on valid tokens
+    # EV = 1 − Var[R − V] / Var[R]   (NaN when std(R) is rounding: ≤ rtol · scale)
+    ev = 1.0 - var_err / var_r if var_r.sqrt() > rtol * scale else torch.full_like(var_r, float("nan"))  # ()
     return ev.to(values.dtype)  # ()
 
 
 def ppo_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    values: torch.Tensor | None = None,
-    returns: torch.Tensor | None = None,
-    old_values: torch.Tensor | None = None,
-    entropy: torch.Tensor | None = None,
-    eps: float = 0.2,
-    eps_high: float | None = None,
-    dual_clip: float | None = None,
-    vf_coef: float = 0.5,
-    ent_coef: float = 0.0,
-    value_clip: float | None = None,
-    num_tokens: float | None = None,
-) -> dict[str, torch.Tensor]:
-    """The composite loss L = −J_PPO + c_v·L_V − c_h·H with masked token means (document 002, "The Complete PPO
-    Objective"; document 000 uses c_v ≈ 0.5, c_h ≈ 0.01). Returns the loss and its parts, detached parts for logging.
+    policy_loss: torch.Tensor, value_loss: torch.Tensor, entropy: torch.Tensor, vf_coef: float = 0.5,
+    ent_coef: float = 0.01,
+) -> torch.Tensor:
+    """The composite loss L = −J_PPO + c_v·L_V − c_h·H of documents 000 ("PyTorch: The Real PPO Loss") and 002 ("The
+    Complete PPO Objective"), from the three terms already averaged over tokens: policy_loss = mean_t L^CLIP_t
+    (−J_PPO), value_loss = mean_t L^V_t, entropy = mean_t H_t. Document 000 uses c_v ≈ 0.5, c_h ≈ 0.01.
 
-    num_tokens: the normaliser N of every mean; pass the global token count / world size when ranks split a batch,
-    so that FSDP's gradient average equals the gradient of the global mean. eps is ε_low; eps_high (default eps)
-    and dual_clip go to clipped_surrogate_loss.
+    One backward through L updates policy and critic together. The trainer differentiates it in two parts instead,
+    the policy's terms then c_v·L_V (train.py, minibatch_gradients): the same gradients, one graph alive at a time.
     """
-    mask = mask.to(logprobs.dtype)  # (B, T)
-    # −J_PPO = E_t[−min(ρA, clip(ρ)A)]
-    pg = clipped_surrogate_loss(logprobs, old_logprobs, advantages, eps=eps, eps_high=eps_high, dual_clip=dual_clip)  # (B, T)
-    policy_loss = masked_mean(pg, mask, num_tokens)  # ()
-    loss = policy_loss
-    out = {"policy_loss": policy_loss.detach()}
-    if values is not None:
-        # + c_v E_t[(V − R)²]
-        v_loss = masked_mean(value_loss(values, returns, old_values, value_clip), mask, num_tokens)  # ()
-        loss = loss + vf_coef * v_loss
-        out["value_loss"] = v_loss.detach()
-    if entropy is not None:
-        # − c_h E_t[H_t]
-        ent = masked_mean(entropy, mask, num_tokens)  # ()
-        loss = loss - ent_coef * ent
-        out["entropy"] = ent.detach()
-    ratio = torch.exp(logprobs - old_logprobs).detach()  # (B, T)
-    out["clipfrac"] = clip_fraction(ratio, advantages, mask, eps, eps if eps_high is None else eps_high, num_tokens)
-    out["approx_kl"] = approx_kl(logprobs.detach(), old_logprobs, mask, num_tokens)
-    out["loss"] = loss
-    return out
+    # L = −J_PPO + c_v·L_V − c_h·H
+    return policy_loss + vf_coef * value_loss - ent_coef * entropy  # ()
 
 
 def kl_early_stop(approx_kl: float, target_kl: float | None) -> bool:

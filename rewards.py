@@ -207,18 +207,22 @@ def rule_based_rewards(completions: Sequence[str], answers: Sequence[str], spec:
 # ── Learned reward model (004 "4. The Reward Model") ───────────────────────────────────────────────────────
 
 
-def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
-    """L_RM = −mean log σ(r_c − r_r) over B preference pairs; (B,), (B,) → scalar.
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None,
+                       num_pairs: float | None = None) -> torch.Tensor:
+    """L_RM = −(1/N) Σ log σ(r_c − r_r − m) over B preference pairs; (B,), (B,) → scalar.
 
+    margin m (B,): an optional per-pair margin the chosen reward must clear (Llama 2's reward model; TRL's `margin`
+    column). num_pairs N: the normaliser, B by default; the trainer passes the minibatch's global pair count / world
+    size, so that averaging gradients over ranks gives the gradient of the global mean.
     F.logsigmoid(Δ) = −softplus(−Δ) is finite for any margin; log(torch.sigmoid(Δ)) is −inf by Δ ≈ −89 (float32).
     """
     if chosen_rewards.shape != rejected_rewards.shape:  # (B, 1) − (B,) would broadcast to (B, B) silently
         shapes = f"chosen {tuple(chosen_rewards.shape)} vs rejected {tuple(rejected_rewards.shape)}"
         raise ValueError(f"shape mismatch: {shapes}; both must be (B,)")
-    # Δ = r_φ(x, y_c) − r_φ(x, y_r)
-    margin = chosen_rewards - rejected_rewards  # (B,)
-    # L_RM = −E[ log σ(Δ) ]
-    return -F.logsigmoid(margin).mean()  # ()
+    # Δ = r_φ(x, y_c) − r_φ(x, y_r) − m
+    delta = chosen_rewards - rejected_rewards - (0.0 if margin is None else margin)  # (B,)
+    # L_RM = −(1/N) Σ log σ(Δ)
+    return -F.logsigmoid(delta).sum() / (len(delta) if num_pairs is None else num_pairs)  # ()
 
 
 def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -238,40 +242,54 @@ def pad_batch(sequences: Sequence[Sequence[int]], *, pad_id: int, padding_side: 
     return input_ids, attention_mask
 
 
-def reward_model_pad_id(model, tokenizer) -> int:
-    """The id to pad with, made identical to the one the model's pooling skips.
+def reward_model_ids(tokenizer, prompt: str, response: str) -> list[int]:
+    """The token ids a reward model scores: prompt + response, then EOS, so that the score is read where the response
+    ended (004: "the last token position of the response (the EOS token)"). Special tokens (a BOS) are added unless
+    the text already begins with one (a chat template writes its own). Training and scoring both use this."""
+    text = prompt + response
+    special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+    return tokenizer(text, add_special_tokens=special)["input_ids"] + [tokenizer.eos_token_id]
 
-    A transformers *ForSequenceClassification model reads its score at the rightmost token != config.pad_token_id.
-    If the config names a pad id, pad with it; else use the tokenizer's pad (or, lacking one, its eos) and write it
-    into the config (a side effect on the passed model). Caveat: when pad = eos, a trailing eos in the text is
-    skipped too, so the score comes from the token before it — the same whether scored alone or in a batch.
+
+def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r_φ(x, y) of each row: the score head's output at the row's last real token, found from the attention mask,
+    whatever the padding side; (b, L), (b, L) → (b,), with the graph (so it trains as well as it scores).
+
+    A transformers *ForSequenceClassification pools at the rightmost token that is not config.pad_token_id. Where pad
+    = EOS (common), the EOS a text ends with counts as padding, and the score comes from the token before it
+    (transformers #35352). So the head's per-position output (b, L, 1) is taken by a forward hook on the head, for
+    this one call, and read at the last position where attention_mask = 1; the model's own pooled output is unused.
     """
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return config.pad_token_id
+    head = getattr(model, "score", None) or getattr(model, "classifier")
+    per_position = []
+    hook = head.register_forward_hook(lambda module, inputs, output: per_position.append(output))
+    try:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, L) left padding: first real token at 0
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    finally:
+        hook.remove()
+    # last real position = L − 1 − (index of the first 1 in the reversed mask; argmax returns the first maximum)
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).float().argmax(1)  # (b,)
+    return per_position[0][torch.arange(len(last)), last, 0]  # (b,)
 
 
 @torch.no_grad()
 def score_with_reward_model(model, tokenizer, prompts: Sequence[str], completions: Sequence[str], *,
-                            batch_size: int = 8, max_length: int | None = None) -> torch.Tensor:
+                            batch_size: int = 8) -> torch.Tensor:
     """r_φ(x, y) for B (prompt, completion) pairs from a frozen num_labels=1 classifier → (B,) float32 on CPU.
 
-    Duck-typed: `model(input_ids=, attention_mask=, position_ids=).logits` of shape (b, 1), and a Hugging Face
-    tokenizer. The text is prompt + completion as plain concatenation (apply a chat template before, if any).
-    Position ids restart at 0 after left padding, so a padded row matches the same text scored alone.
+    Duck-typed: a transformers sequence-classification model (its head `score` or `classifier`) and tokenizer. The
+    text is reward_model_ids(prompt, completion): apply a chat template to the prompt before, if any.
     """
-    pad_id = reward_model_pad_id(model, tokenizer)
-    texts = [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if config.pad_token_id is None:  # transformers refuses a batch without one (its pooling, unused here, needs it)
+        config.pad_token_id = pad_id
+    ids = [reward_model_ids(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
     device = next(model.parameters()).device
     model.eval()  # frozen during RL (004 "Training details"): no dropout
     scores = [torch.zeros(0)]
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        ids = tokenizer(chunk, truncation=max_length is not None, max_length=max_length)["input_ids"]
-        input_ids, attention_mask = pad_batch(ids, pad_id=pad_id, padding_side=tokenizer.padding_side)  # (b, L)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, L)
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                       position_ids=position_ids.to(device)).logits  # (b, 1)
-        scores.append(logits[:, 0].float().cpu())  # (b,)
+    for start in range(0, len(ids), batch_size):
+        input_ids, attention_mask = pad_batch(ids[start : start + batch_size], pad_id=pad_id, padding_side="left")
+        scores.append(last_token_scores(model, input_ids.to(device), attention_mask.to(device)).float().cpu())  # (b,)
     return torch.cat(scores)  # (B,)

@@ -20,7 +20,7 @@ import memory_ledger as ml  # noqa: E402
 
 GB = 10**9  # the documents' "GB" is decimal
 N70 = 70 * 10**9
-DOC_ROWS = dict(activation_bytes=120 * GB, overhead_bytes=80 * GB)  # 000 "At Massive Scale": ~120 GB, ~80 GB
+DOC_ROWS = dict(given={"activations": 120 * GB, "overhead": 80 * GB})  # 000 "At Massive Scale": ~120 GB, ~80 GB
 # small Llama: odd vocab (127) so embedding and lm_head split 64/63 rows over 2 ranks; a (1, 32) value head leaves
 # rank 1 with zero rows of it; fp32 throughout
 LLAMA = dict(vocab_size=127, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -81,7 +81,7 @@ def test_7b_hand_values():
 
 @pytest.mark.parametrize("reward_model", [True, False])
 def test_grpo_is_ppo_minus_critic_rows(reward_model):
-    kw = dict(n_tensors=723, activation_bytes=12345, overhead_bytes=678)
+    kw = dict(n_tensors=723, given={"activations": 12345, "overhead": 678})
     ppo, grpo = ml.ledger(1_234_567, "ppo", reward_model, **kw), ml.ledger(1_234_567, "grpo", reward_model, **kw)
     without_critic = {k: v for k, v in ppo.items() if not k.startswith("critic.") and k != "total"}
     assert {k: v for k, v in grpo.items() if k != "total"} == without_critic

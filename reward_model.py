@@ -1,0 +1,234 @@
+"""reward_model.py — the reward-model stage of document 004 ("4. The Reward Model"): a scalar head on a causal LM,
+trained on preference pairs with the Bradley–Terry model, its score read at the last real token of prompt + response.
+
+    P(y_c ≻ y_r | x) = σ(r_φ(x, y_c) − r_φ(x, y_r))
+    L_RM(φ) = −(1/N) Σ log σ(r_φ(x, y_c) − r_φ(x, y_r) − m)            rewards.bradley_terry_loss (m: optional margin)
+
+The model is transformers' AutoModelForSequenceClassification with one label, started from a causal LM checkpoint
+(the SFT model, as document 004 suggests): the backbone carries over, the head hidden_dim → 1 is new. Its score is
+read at the last position whose attention mask is 1 (rewards.last_token_scores), never by the pad id.
+
+Data follow TRL's convention: columns `chosen` and `rejected`, an optional `prompt` (without it the prompt is
+implicit, inside both texts), an optional `margin`; plain text, or conversations (lists of {"role", "content"}) that
+go through the chat template. A pair longer than --max-length tokens is dropped, and counted (TRL drops too).
+
+The embedded default collects comparisons the way document 004 says they are collected: for each training prompt,
+two samples of the --model policy, ranked by an annotator, here the verifiable checker (rewards.math_reward): the
+correct one is chosen. Ties (both right, both wrong, or the same text) are dropped; a fifth of the prompts' pairs
+are held out for evaluation. The export, OUT/hf, loads as it is with --reward-model; its config carries
+`reward_mean` and `reward_std`, the scores' mean and std on the held-out pairs (OpenRLHF stores the same), with
+which --reward-model standardises the score.
+
+| symbol       | variable         | shape | meaning                                         |
+|--------------|------------------|-------|-------------------------------------------------|
+| r_φ(x, y_c)  | chosen_rewards   | (b,)  | score of prompt + chosen response + EOS          |
+| r_φ(x, y_r)  | rejected_rewards | (b,)  | score of prompt + rejected response + EOS        |
+| m            | margin           | (b,)  | per-pair margin (0 without a `margin` column)    |
+"""
+
+import hashlib
+import json
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+import embedded_task
+import plumbing
+import rewards as rewards_lib
+import sampling
+
+HELD_OUT = 0.2  # the embedded comparisons: this fraction of the prompts' pairs is held out
+ROUNDS = 8  # the embedded comparisons: each prompt is sampled twice this many times (one pair per round)
+
+
+class Pair(NamedTuple):
+    """One comparison, tokenised once."""
+
+    chosen: list[int]  # rewards.reward_model_ids(prompt, chosen response)
+    rejected: list[int]  # rewards.reward_model_ids(prompt, rejected response)
+    margin: float  # 0.0 without a `margin` column
+
+
+# ======================================================================================================================
+# The step and the evaluation
+# ======================================================================================================================
+def pair_scores(run, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """r_φ of the chosen and the rejected texts of `pairs`, in one forward pass: (b,), (b,)."""
+    ids, mask = rewards_lib.pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs],
+                                      pad_id=run.tok.pad_token_id, padding_side="left")  # (2b, L)
+    scores = rewards_lib.last_token_scores(run.reward_model, ids.to(run.device), mask.to(run.device)).float()  # (2b,)
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+def rm_step(run, step: int) -> dict:
+    """One optimizer step on --prompts-per-step pairs drawn by a seed of (seed, step); gradients accumulate over
+    micro-batches, and the loss divides by the whole batch's pair count. Returns the logged row."""
+    args, timer = run.args, plumbing.StepTimer(run.device)
+    _, mine = plumbing.rows_for_step(len(run.train_rows), args.prompts_per_step, args.seed, step)
+    pairs = [run.train_rows[i] for i in mine]
+    n_pairs = args.prompts_per_step / run.world  # the global count / world size: FSDP averages the gradients
+    sums = dict.fromkeys(("loss", "pair_accuracy", "margin", "chosen_reward_mean", "rejected_reward_mean"), 0.0)
+    for i in range(0, len(pairs), args.micro_batch_size):
+        part = pairs[i : i + args.micro_batch_size]
+        chosen, rejected = pair_scores(run, part)  # (b,), (b,)
+        margin = torch.tensor([p.margin for p in part], device=run.device)  # (b,)
+        loss = rewards_lib.bradley_terry_loss(chosen, rejected, margin, num_pairs=n_pairs)  # ()
+        loss.backward()
+        chosen, rejected = chosen.detach(), rejected.detach()
+        sums["loss"] += loss.item()
+        sums["pair_accuracy"] += (chosen > rejected).float().sum().item() / n_pairs
+        sums["margin"] += (chosen - rejected).sum().item() / n_pairs
+        sums["chosen_reward_mean"] += chosen.sum().item() / n_pairs
+        sums["rejected_reward_mean"] += rejected.sum().item() / n_pairs
+    update = plumbing.clip_and_step(run.trained(), args.max_grad_norm)
+    timer.lap("update")
+    row = dict(zip(sums, (x / run.world for x in plumbing.global_sum(*sums.values()))))
+    return row | update | {"step_time_s": timer.total()}
+
+
+@torch.no_grad()
+def evaluate(run) -> tuple[dict, list[dict]]:
+    """Collective: scores of every held-out pair, split across ranks. eval_pair_accuracy is the fraction with
+    r_c > r_r; eval_reward_mean and eval_reward_std are over all 2N held-out scores (what the export stores)."""
+    mine = run.eval_rows[run.rank :: run.world]
+    chosen, rejected = [], []
+    for i in range(0, len(mine), run.args.micro_batch_size):
+        c, r = pair_scores(run, mine[i : i + run.args.micro_batch_size])
+        chosen += c.tolist()
+        rejected += r.tolist()
+    everyone = plumbing.all_gather_objects((chosen, rejected))
+    chosen = torch.tensor([x for c, _ in everyone for x in c], dtype=torch.float64)  # (N,)
+    rejected = torch.tensor([x for _, r in everyone for x in r], dtype=torch.float64)  # (N,)
+    both = torch.cat([chosen, rejected])  # (2N,)
+    return {"eval_pair_accuracy": (chosen > rejected).double().mean().item(),
+            "eval_loss": rewards_lib.bradley_terry_loss(chosen, rejected).item(),
+            "eval_margin": (chosen - rejected).mean().item(), "eval_reward_mean": both.mean().item(),
+            "eval_reward_std": both.std().item(), "eval_n": len(chosen)}, []
+
+
+# ======================================================================================================================
+# Data: preference pairs from a data set, or the embedded comparisons
+# ======================================================================================================================
+def load_pairs(args, tok, name: str) -> tuple[list[Pair], list[Pair]]:
+    """Training and held-out Pairs of a preference data set (see the module docstring for its columns)."""
+    train = plumbing.load_split(args, name, args.split)
+    evals = plumbing.load_split(args, name, args.eval_split) if args.eval_size else None
+    for ds in filter(None, (train, evals)):
+        plumbing.check_columns(ds, name, ["chosen", "rejected"], "a preference data set: chosen, rejected, and an "
+                               "optional prompt and margin")
+    pairs = tokenize_pairs(train, tok, args, f"{name!r} (split {args.split!r})")
+    eval_pairs = tokenize_pairs(evals, tok, args, f"{name!r} (split {args.eval_split!r})") if evals is not None else []
+    if evals is None and args.eval_size:
+        n = min(args.eval_size, len(pairs) // 5)
+        if n == 0:
+            raise plumbing.UserError(f"dataset {name!r}: {len(pairs)} pairs and no split {args.eval_split!r}: too few "
+                                     "to hold out an evaluation set (20% of them); give --eval-size 0 or --eval-split")
+        plumbing.say(f"dataset {name!r} has no split {args.eval_split!r}: the last {n} of {len(pairs)} pairs are held "
+                     "out")
+        pairs, eval_pairs = pairs[: len(pairs) - n], pairs[len(pairs) - n :]
+    return pairs, eval_pairs[: args.eval_size]
+
+
+def tokenize_pairs(ds, tok, args, where: str) -> list[Pair]:
+    """A Pair per row, as rewards.reward_model_ids tokenises what it scores; identical pairs are refused, pairs over
+    --max-length tokens dropped and counted."""
+    pairs, identical, too_long = [], [], 0
+    margins = ds["margin"] if "margin" in ds.column_names else [0.0] * len(ds)
+    prompts = ds["prompt"] if "prompt" in ds.column_names else [None] * len(ds)
+    for i, (prompt, chosen, rejected, margin) in enumerate(zip(prompts, ds["chosen"], ds["rejected"], margins)):
+        prompt, chosen, rejected = pair_texts(tok, prompt, chosen, rejected, where, i)
+        if chosen == rejected:
+            identical.append(i)
+            continue
+        pair = Pair(chosen=rewards_lib.reward_model_ids(tok, prompt, chosen),
+                    rejected=rewards_lib.reward_model_ids(tok, prompt, rejected), margin=float(margin or 0.0))
+        if max(len(pair.chosen), len(pair.rejected)) > args.max_length:
+            too_long += 1
+            continue
+        pairs.append(pair)
+    if identical:
+        rows = ", ".join(map(str, identical[:5]))
+        raise plumbing.UserError(f"dataset {where}: {len(identical)} pairs have the same chosen and rejected text "
+                                 f"(rows {rows}): a comparison needs two different responses")
+    if too_long:
+        plumbing.say(f"dataset {where}: dropped {too_long} of {len(ds)} pairs longer than --max-length "
+                     f"{args.max_length} tokens")
+    if not pairs:
+        raise plumbing.UserError(f"dataset {where}: no pair to train on")
+    return pairs
+
+
+def pair_texts(tok, prompt, chosen, rejected, where: str, row: int) -> tuple[str, str, str]:
+    """(prompt text, chosen response, rejected response). Conversations: the prompt is the messages before the last
+    (or the `prompt` column), through the chat template with the assistant's turn opened; each response is the last
+    message's content. Plain text without a prompt: the common prefix of the two texts is the prompt."""
+    if isinstance(chosen, list):  # [{"role": ..., "content": ...}, ...]
+        messages = prompt if prompt is not None else chosen[:-1]
+        if prompt is None and rejected[:-1] != messages:
+            raise plumbing.UserError(f"dataset {where}, row {row}: chosen and rejected conversations differ before "
+                                     "their last message, and there is no prompt column")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, chosen[-1]["content"], rejected[-1]["content"]
+    if prompt is None:
+        prompt = os.path.commonprefix([chosen, rejected])
+        return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
+    return str(prompt), str(chosen), str(rejected)
+
+
+def fingerprint(model_dir: str) -> str:
+    """A short hash of a local checkpoint's weight files: comparisons sampled from another model are not reused."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith((".safetensors", ".bin")):
+            with open(os.path.join(model_dir, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def sample_comparisons(policy, tok, rows: list, sampler: sampling.Sampler, seed: int) -> list[dict]:
+    """Collective: ROUNDS pairs of samples of every prompt (PromptRow), split across ranks, ranked by the checker.
+    Returns every rank's comparisons: {prompt, chosen, rejected, group} where group is the prompt's index."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    found = []
+    for r in range(ROUNDS):
+        torch.manual_seed(plumbing.seed_for(seed, r, rank))
+        mine = list(range(rank, len(rows), world))
+        done = sampling.generate(policy, tok, [rows[i].ids for i in mine], sampler, repeat=2)
+        for k, i in enumerate(mine):
+            a, b = done.texts[2 * k], done.texts[2 * k + 1]
+            right = [rewards_lib.math_reward(t, rows[i].answer) == 1.0 for t in (a, b)]
+            if right[0] != right[1] and a != b:  # one right, one wrong: the checker prefers the right one
+                chosen, rejected = (a, b) if right[0] else (b, a)
+                found.append({"prompt": rows[i].text, "chosen": chosen, "rejected": rejected, "group": i})
+    return [c for part in plumbing.all_gather_objects(found) for c in part]
+
+
+def write_comparisons(path: str, comparisons: list[dict], n_prompts: int) -> None:
+    """train.jsonl and test.jsonl of `comparisons`: the pairs of a random HELD_OUT of the prompts are the test set,
+    so that no held-out prompt is trained on. Duplicate pairs are kept: they are how often the policy made them."""
+    held = set(np.random.default_rng(0).permutation(n_prompts)[: int(HELD_OUT * n_prompts)].tolist())
+    os.makedirs(path, exist_ok=True)
+    for name, part in (("train.jsonl", [c for c in comparisons if c["group"] not in held]),
+                       ("test.jsonl", [c for c in comparisons if c["group"] in held])):
+        with open(os.path.join(path, name), "w") as f:
+            f.writelines(json.dumps({k: c[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for c in part)
+
+
+def embedded_comparisons(args, policy, tok, rows: list, sampler: sampling.Sampler) -> str:
+    """Collective: OUT/embedded_data/comparisons, sampled from --model unless it is already there for this model,
+    seed and number of rounds. Returns its path (a data set like any other: train.jsonl, test.jsonl)."""
+    path = os.path.join(args.out, "embedded_data", "comparisons")
+    settings = {"model": os.path.abspath(args.model), "weights": fingerprint(args.model), "seed": args.seed,
+                "rounds": ROUNDS, "max_new_tokens": args.max_new_tokens}
+    meta = os.path.join(path, "meta.json")
+    fresh = os.path.isfile(meta) and json.load(open(meta)) == settings
+    if not plumbing.all_gather_objects(fresh)[0]:
+        comparisons = sample_comparisons(policy, tok, rows, sampler, args.seed)
+        if torch.distributed.get_rank() == 0:
+            embedded_task.built(path, settings, lambda tmp: write_comparisons(tmp, comparisons, len(rows)))
+            plumbing.say(f"comparisons: {len(comparisons)} pairs from {ROUNDS} rounds of two samples of each of the "
+                         f"{len(rows)} training prompts by {args.model} (ties dropped), in {path}")
+    torch.distributed.barrier()
+    return path
