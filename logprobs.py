@@ -38,7 +38,8 @@ def sequence_logprobs(model, input_ids, attention_mask, n_prompt: int, temperatu
 
 def token_logprobs_reference(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
     """The plain version of TokenLogprobs: the same values and gradients, with a V-wide tensor kept for backward."""
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # (b, T, V) log p_a
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (b, T, V) fp32 at least
+    logp_all = torch.log_softmax(z, dim=-1)  # (b, T, V) log p_a
     # log p_y
     logp = logp_all.gather(-1, targets[..., None])[..., 0]  # (b, T)
     # H = −Σ_a p_a log p_a

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import embedded_task
-from plumbing import UserError, latest_checkpoint, load_reward_functions, read_meta
+from plumbing import UserError, check_hub_reachable, latest_checkpoint, load_reward_functions, read_meta
 
 
 def arg(default, help):
@@ -206,6 +206,8 @@ def check_args(args, world_size: int) -> None:
             name.endswith((".json", ".jsonl", ".parquet", ".csv"))
         if name and looks_local and not os.path.exists(os.path.expanduser(name)):
             raise UserError(f"{flag} {name!r}: no such file or directory")
+        if name and flag != "--dataset":
+            check_hub_reachable(flag, name)  # a hub name not in the cache needs the Hub: say now if it is out of reach
 
 
 def check_batch_shapes(args, world_size: int) -> None:
@@ -319,12 +321,23 @@ def check_resume(args) -> None:
         return
     if path is None:
         raise UserError(f"--resume: no complete checkpoint in {os.path.join(args.out, 'checkpoints')}")
-    saved = read_meta(path)["args"]
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} → {getattr(args, k)!r}" for k in RESUME_REFUSED
-            if saved.get(k) != getattr(args, k)]
+    diff = experiment_changes(read_meta(path)["args"], args)
     if diff:
         raise UserError(f"--resume: checkpoint {path} was written with other arguments: {'; '.join(diff)} "
                         "(these define the experiment; start a new --out, e.g. from the export: --model OUT/hf)")
+
+
+def experiment_changes(saved: dict, args) -> list[str]:
+    """"--seed 0 → 1" for each option of RESUME_REFUSED that differs between a checkpoint's arguments and `args`. A
+    path inside --out (the warm start's OUT/sft/hf) is compared relative to its --out, so a moved --out still resumes."""
+    def value(options: dict, k: str):
+        v, out = options.get(k), options.get("out") or ""
+        inside = isinstance(v, str) and out and os.path.abspath(v).startswith(os.path.abspath(out) + os.sep)
+        return os.path.join("OUT", os.path.relpath(os.path.abspath(v), os.path.abspath(out))) if inside else v
+
+    now = dataclasses.asdict(args)
+    return [f"--{k.replace('_', '-')} {saved.get(k)!r} → {now[k]!r}" for k in RESUME_REFUSED
+            if value(saved, k) != value(now, k)]
 
 
 def resume_changes(args, saved: dict, step: int) -> list[str]:

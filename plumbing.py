@@ -80,6 +80,26 @@ def load_reward_functions(spec: str) -> list:
     return out
 
 
+def apply_rewards(reward_fns: list, texts: list, answers: list, where) -> tuple[torch.Tensor, UserError | None]:
+    """Σ_k w_k·reward_k(text_i, answer_i) for each i: (B,) float32, and the first problem: a reward that raised or
+    returned a non-finite value, named with where(i) (e.g. "sample 3 of step 12"); the caller stops every rank on it."""
+    total, problem = torch.zeros(len(texts)), None
+    for name, weight, fn in reward_fns:
+        for i, (text, answer) in enumerate(zip(texts, answers)):
+            try:
+                value = float(fn(text, answer))
+            except Exception as e:
+                said = " ".join(str(e).split())[:200]
+                problem = problem or UserError(f"reward {name!r} raised {type(e).__name__}: {said} on {where(i)} "
+                                               f"(completion {text[:60]!r})")
+                continue
+            if not math.isfinite(value):
+                problem = problem or UserError(f"reward {name!r} returned {value} on {where(i)} (completion "
+                                               f"{text[:60]!r}); rewards must be finite")
+            total[i] += weight * value
+    return total, problem
+
+
 # ======================================================================================================================
 # The run directory: one live run per --out, and no worker left behind by its launcher
 # ======================================================================================================================

@@ -268,6 +268,8 @@ def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     finally:
         hook.remove()
+    if per_position[0].dim() == 2:  # (b, 1): an encoder that pools before its head (BERT's [CLS]); nothing to pick
+        return per_position[0][:, 0]  # (b,)
     # last real position = L − 1 − (index of the first 1 in the reversed mask; argmax returns the first maximum)
     last = attention_mask.shape[1] - 1 - attention_mask.flip(1).float().argmax(1)  # (b,)
     return per_position[0][torch.arange(len(last)), last, 0]  # (b,)

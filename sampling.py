@@ -94,14 +94,17 @@ def greedy_eval(policy, tok, rows: list, sampler: Sampler, reward_fns: list) -> 
     the same number of generate() calls: a rank with no rows left decodes one padding row, not counted.
     Returns the metrics and every rank's samples (prompt, completion, answer, correct)."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    mine, samples, reward_sum = rows[rank::world], [], 0.0
+    mine, samples, reward_sum, problem = rows[rank::world], [], 0.0, None
     for i in range(0, math.ceil(len(rows) / world), 64):
         chunk = mine[i : i + 64]
         done = generate(policy, tok, [r.ids for r in chunk or rows[:1]], sampler, greedy=True)
-        for row, text in zip(chunk, done.texts):
-            samples.append({"prompt": row.text, "completion": text, "answer": row.answer,
-                            "correct": rewards_lib.math_reward(text, row.answer) == 1.0})
-            reward_sum += sum(weight * float(fn(text, row.answer)) for _, weight, fn in reward_fns)
+        texts, answers = done.texts[: len(chunk)], [r.answer for r in chunk]
+        rewards, failed = plumbing.apply_rewards(reward_fns, texts, answers,
+                                                 lambda k: f"evaluation prompt {rank + (i + k) * world}")
+        reward_sum, problem = reward_sum + rewards.sum().item(), problem or failed
+        samples += [{"prompt": r.text, "completion": t, "answer": r.answer,
+                     "correct": rewards_lib.math_reward(t, r.answer) == 1.0} for r, t in zip(chunk, texts)]
+    plumbing.stop_if_any_rank(problem)
     correct, n, reward_sum = plumbing.global_sum(sum(s["correct"] for s in samples), len(samples), reward_sum)
     metrics = {"eval_accuracy": correct / n, "eval_n": int(n)}
     metrics |= {"eval_reward_mean": reward_sum / n} if reward_fns else {}

@@ -192,20 +192,9 @@ def score(run: Run, batch: Rollout, step: int) -> tuple[torch.Tensor, torch.Tens
 
     A reward that raises or is not finite, on any rank, stops every rank before anything reaches the optimizer; the
     first such rank names the reward and the sample (numbered across ranks, as in the global batch)."""
-    total, first, problem = torch.zeros(len(batch)), run.rank * len(batch), None
-    for name, weight, fn in run.reward_fns:
-        for i, (text, answer) in enumerate(zip(batch.texts, batch.answers)):
-            try:
-                value = float(fn(text, answer))
-            except Exception as e:
-                said = " ".join(str(e).split())[:200]
-                problem = problem or UserError(f"reward {name!r} raised {type(e).__name__}: {said} on sample "
-                                               f"{first + i} of step {step} (completion {text[:60]!r})")
-                continue
-            if not math.isfinite(value):
-                problem = problem or UserError(f"reward {name!r} returned {value} on sample {first + i} of step {step} "
-                                               f"(completion {text[:60]!r}); rewards must be finite")
-            total[i] += weight * value
+    first = run.rank * len(batch)
+    total, problem = plumbing.apply_rewards(run.reward_fns, batch.texts, batch.answers,
+                                            lambda i: f"sample {first + i} of step {step}")  # (B,)
     plumbing.stop_if_any_rank(problem)
     if run.reward_model is None:
         return total.to(run.device), None
@@ -353,8 +342,6 @@ def evaluate(run: Run) -> tuple[dict, list[dict]]:
 # ======================================================================================================================
 # The loop, the same for every stage
 # ======================================================================================================================
-STAGES = {"sft": (sft.sft_step, evaluate), "rm": (reward_model.rm_step, reward_model.evaluate),
-          "grpo": (rl_step, evaluate), "ppo": (rl_step, evaluate)}  # --algo: (one step, one evaluation)
 SHOWN = {"sft": ("loss", "token_accuracy"), "rm": ("loss", "pair_accuracy"), "grpo": ("reward_mean", "kl"),
          "ppo": ("reward_mean", "kl")}  # on the progress bar
 
@@ -365,7 +352,9 @@ def train(run: Run, start: int, metrics: plumbing.MetricsLog, reached: bool = Fa
     reaches --sft-target (reached: it already has, in the checkpoint resumed)."""
     from tqdm import tqdm
 
-    args, (step_fn, evaluate_fn) = run.args, STAGES[run.args.algo]
+    args = run.args
+    step_fn, evaluate_fn = {"sft": (sft.sft_step, evaluate), "rm": (reward_model.rm_step, reward_model.evaluate),
+                            "grpo": (rl_step, evaluate), "ppo": (rl_step, evaluate)}[args.algo]  # one step, one eval
     if start == 0 and args.eval_size:
         reached = log_evaluation(run, 0, metrics, evaluate_fn)
         if reached:
@@ -560,12 +549,10 @@ def warm_start(args: Args, rank: int, world: int, device: torch.device) -> None:
     sft_args.model = os.path.join(sft_args.out, embedded_task.MODEL_DIR)
     saved = plumbing.latest_checkpoint(sft_args.out)
     if saved is not None:
-        old = plumbing.read_meta(saved)["args"]
-        diff = [f"--{k.replace('_', '-')} {old.get(k)!r} (now {getattr(sft_args, k)!r})"
-                for k in options.RESUME_REFUSED if old.get(k) != getattr(sft_args, k)]
+        diff = options.experiment_changes(plumbing.read_meta(saved)["args"], sft_args)
         if diff:
-            raise UserError(f"{sft_args.out} holds a warm start made with {', '.join(diff)}: choose another --out, "
-                            f"or remove {sft_args.out}")
+            raise UserError(f"{sft_args.out} holds a warm start made with other settings ({'; '.join(diff)}): "
+                            f"choose another --out, or remove {sft_args.out}")
     sft_args.resume = saved is not None
     plumbing.say(f"warm start: the sft stage, as `train.py --algo sft --out {sft_args.out} --seed {args.seed} --steps "
                  f"{args.sft_steps} --sft-target {sft_args.sft_target}`" + (" (resumed)" if saved else ""))

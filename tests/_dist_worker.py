@@ -3,9 +3,12 @@
     torchrun --nproc_per_node W tests/_dist_worker.py update   MODEL_DIR OUT_DIR   (reads OUT_DIR/batch.pt)
     torchrun --nproc_per_node 2 tests/_dist_worker.py update,generate,collectives MODEL_DIR OUT_DIR
 
-update:      for each case of CASES, load + shard the policy (and critic), take this rank's contiguous slice of the
-             fixed batch, train.compute_advantages + train.update + train.step_metrics, and save from rank 0 the logged
-             row, the gathered advantages and every full (unsharded) parameter.
+update:      for each case of CASES, load + shard the policy (and critic), then one train.rl_step whose rollout is
+             this rank's contiguous slice of the fixed batch: train.sample, train.score, train.token_logprobs and
+             train.token_values are replaced (in this process only) by functions returning the fixed rows, scores,
+             old/reference log-probs and old values; the rest of the step (advantages, the epochs × minibatches loop,
+             the optimizer steps, the logged row) is the trainer's own. Rank 0 saves the logged row, the gathered
+             advantages and every full (unsharded) parameter.
 generate:    count the collectives torch.distributed issues during train.sample on a sharded model, and save rollouts.
 collectives: one PPO and one GRPO train.rl_step with every torch.distributed collective wrapped by a checker that knows
              the process group's device; saves every call (function, device of each tensor, caller).
@@ -19,8 +22,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import options  # noqa: E402
 import plumbing  # noqa: E402
+import sampling  # noqa: E402
 import train  # noqa: E402
+from helpers import step_on  # noqa: E402
 
 # (name, algo, loss_agg, max_grad_norm, epochs, minibatch, micro): a huge max_grad_norm disables clipping so the update's
 # scale is tested too; minibatch None = the whole batch; micro 0 = the whole minibatch per forward/backward
@@ -46,17 +53,35 @@ def case_args(case: tuple, batch: dict) -> train.Args:
     _, algo, loss_agg, max_grad_norm, epochs, minibatch, micro = case
     B, T = batch["mask"].shape
     return train.Args(algo=algo, loss_agg=loss_agg, max_grad_norm=max_grad_norm, group_size=batch["group_size"],
-                      prompts_per_step=B // batch["group_size"], minibatch_size=minibatch or B, micro_batch_size=micro,
-                      epochs=epochs, max_new_tokens=T, temperature=batch["temperature"], beta=batch["beta"], eps=0.2,
-                      ent_coef=batch["ent_coef"], vf_coef=0.5, value_clip=0.2, gamma=1.0, lam=0.95, seed=0)
+                      prompts_per_step=B // batch["group_size"], minibatch_size=minibatch or B,
+                      micro_batch_size=micro or (minibatch or B) // dist.get_world_size(), epochs=epochs,
+                      max_new_tokens=T, temperature=batch["temperature"], beta=batch["beta"], eps=0.2,
+                      ent_coef=batch["ent_coef"], vf_coef=0.5, value_clip=0.2, gamma=1.0, lam=0.95, seed=0,
+                      lr_schedule="constant")
 
 
-def make_run(args, policy, critic, optimizers, device=torch.device("cpu"), **fields) -> train.Run:
-    """A train.Run around models built here (no tokenizer, data or sampler: the update does not use them)."""
-    base = dict(tok=None, ref=None, reward_model=None, rm_tok=None, reward_fns=[], train_rows=[], eval_rows=[],
-                sample_config=None, greedy_config=None, eos_ids=[], hf_generation_config=None)
-    return train.Run(args, dist.get_rank(), dist.get_world_size(), device, policy=policy, critic=critic,
-                     optimizers=optimizers, beta=args.beta, **(base | fields))
+def make_run(args, policy, critic, optimizers: dict, device=torch.device("cpu"), **fields) -> train.Run:
+    """A train.Run around models built here; tokenizer, data and sampler only where a job needs them."""
+    base = dict(tok=None, train_rows=[None] * 64, eval_rows=[], base_lr={n: 0.0 for n in optimizers})
+    return train.Run(args=args, rank=dist.get_rank(), world=dist.get_world_size(), device=device, policy=policy,
+                     critic=critic, optimizers=optimizers, beta=args.beta, **(base | fields))
+
+
+def load(role: str, model_dir: str, **kw):
+    return plumbing.load_model(plumbing.ModelSpec(role, model_dir, "--model", **kw), torch.device("cpu"), False)[0]
+
+
+def fixed_step(run, batch: dict, lo: int, hi: int) -> dict:
+    """train.rl_step on rows lo:hi of the fixed batch (helpers.step_on); the logged row without timings."""
+    n = hi - lo
+    rollout = train.Rollout(input_ids=batch["input_ids"][lo:hi], attention_mask=batch["attention_mask"][lo:hi],
+                            completion_mask=batch["mask"][lo:hi].clone(), loss_mask=batch["mask"][lo:hi].clone(),
+                            n_prompt=batch["n_prompt"], prompts=[""] * n, answers=[""] * n, texts=[""] * n)
+    row = step_on(run, rollout, batch["scores"][lo:hi], logprobs=(batch["old_logprobs"][lo:hi],
+                                                                   batch["ref_logprobs"][lo:hi]),
+                  values=batch["old_values"][lo:hi] if run.critic is not None else None)
+    timing = [k for k in row if k.startswith("time_") or k in ("step_time_s", "tokens_per_s", "host_peak_rss_gib")]
+    return {k: v for k, v in row.items() if k not in timing}
 
 
 def run_update(model_dir: str, out_dir: str) -> None:
@@ -68,32 +93,25 @@ def run_update(model_dir: str, out_dir: str) -> None:
     for case in CASES:
         name, algo = case[0], case[1]
         args = case_args(case, batch)
-        policy = plumbing.shard(plumbing.load_full_model("causal", model_dir, torch.float32), False).eval()
+        policy = plumbing.shard(plumbing.load_full_model(plumbing.ModelSpec("policy", model_dir, "--model")), False)
         critic = None
-        opts = [torch.optim.SGD(policy.parameters(), lr=LR)]
+        opts = {"policy": torch.optim.SGD(policy.parameters(), lr=LR)}
         if algo == "ppo":
-            critic = plumbing.load_full_model("critic", model_dir, torch.float32)
+            critic = plumbing.load_full_model(plumbing.ModelSpec("critic", model_dir, "--model"))
             with torch.no_grad():  # a non-zero head, so the critic's body gets gradients on the first step
                 critic.score.weight.copy_(batch["critic_head"])
-            critic = plumbing.shard(critic, False).eval()
-            opts.append(torch.optim.SGD(critic.parameters(), lr=CRITIC_LR))
-        run = make_run(args, policy, critic, opts)
-        n = hi - lo
-        ro = train.Rollout(batch["input_ids"][lo:hi], batch["attention_mask"][lo:hi], batch["mask"][lo:hi].clone(),
-                           batch["mask"][lo:hi].clone(), batch["n_prompt"], [""] * n, [""] * n, [""] * n,
-                           scores=batch["scores"][lo:hi], old_logprobs=batch["old_logprobs"][lo:hi],
-                           ref_logprobs=batch["ref_logprobs"][lo:hi],
-                           old_values=batch["old_values"][lo:hi] if algo == "ppo" else None)
-        ro.advantages, ro.returns = train.compute_advantages(run, ro)
-        stats = train.update(run, ro, step=1)
+            critic = plumbing.shard(critic, False)
+            opts["critic"] = torch.optim.SGD(critic.parameters(), lr=CRITIC_LR)
+        run = make_run(args, policy, critic, opts, ref=object())  # a stand-in reference: its log-probs are fixed
+        row = fixed_step(run, batch, lo, hi)
+        advantages, returns = row.pop("_advantages"), row.pop("_returns")
         results[name] = {
-            "row": train.step_metrics(run, ro) | stats,  # the logged row (timings aside)
-            "advantages": plumbing.all_gather_cat(ro.advantages),
-            "returns": plumbing.all_gather_cat(ro.returns) if ro.returns is not None else None,
+            "row": row,  # the logged row (timings aside)
+            "advantages": plumbing.all_gather_cat(advantages),
+            "returns": plumbing.all_gather_cat(returns) if returns is not None else None,
             "policy": {n: p.full_tensor().detach().clone() for n, p in policy.named_parameters()},
             "critic": {n: p.full_tensor().detach().clone() for n, p in critic.named_parameters()} if critic else None,
         }
-        results[name]["row"].pop("_tokens")
     if rank == 0:
         torch.save(results, os.path.join(out_dir, f"update_w{world}.pt"))
 
@@ -128,18 +146,16 @@ def run_generate(model_dir: str, out_dir: str) -> None:
 
     rank, device = dist.get_rank(), torch.device("cpu")
     tok = plumbing.load_tokenizer(model_dir)
-    policy = plumbing.load_sharded("causal", model_dir, torch.float32, device, False)[0]
+    policy = load("policy", model_dir)
     n_fsdp_modules = sum(isinstance(m, FSDPModule) for m in policy.modules())
     calls = []
     originals = wrap_collectives(calls, COLLECTIVES)
     prompts = ["12+7=", "3+4=", "29+29=", "0+1="]
-    rows = [(p, "0", tok(p)["input_ids"]) for p in prompts]
+    rows = [plumbing.PromptRow(text=p, answer="0", ids=tok(p)["input_ids"]) for p in prompts]
     out = {"n_fsdp_modules": n_fsdp_modules, "counts": {}, "rollouts": {}}
-    eos = [tok.eos_token_id]
     for T in (2, 8):
         args = train.Args(max_new_tokens=T, temperature=3.0)  # a hot random model: EOS shows up in some rows only
-        run = make_run(args, policy, None, [], tok=tok, eos_ids=eos,
-                       sample_config=plumbing.neutral_generation_config(T, 3.0, eos, tok.pad_token_id))
+        run = make_run(args, policy, None, {}, tok=tok, sampler=sampling.make_sampler(policy, tok, T, 3.0, None))
         calls.clear()
         torch.manual_seed(1000 + rank)
         ro = train.sample(run, rows, repeat=4)
@@ -169,21 +185,21 @@ def count(calls: list) -> dict:
 def run_collectives(model_dir: str, out_dir: str) -> None:
     """One PPO and one GRPO step of train.rl_step (rewards, reference, critic, whitening, metrics: every collective
     path), every torch.distributed collective recorded with the devices of its tensors and its caller."""
-    rank, world, device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+    world = dist.get_world_size()
     seen = {}
     for algo in ("grpo", "ppo"):
-        args = plumbing.fill_model_defaults(train.Args(algo=algo, model=model_dir, prompts_per_step=2, group_size=2,
-                                                       max_new_tokens=4, beta=0.04, out=out_dir), world)
+        args = options.resolve_defaults(train.Args(algo=algo, model=model_dir, prompts_per_step=2, group_size=2,
+                                                   max_new_tokens=4, beta=0.04, out=out_dir), world)
         tok = plumbing.load_tokenizer(model_dir)
-        eos = [tok.eos_token_id]
-        policy = plumbing.load_sharded("causal", model_dir, torch.float32, device, False)[0]
-        ref = plumbing.load_sharded("causal", model_dir, torch.float32, device, False)[0]
-        critic = plumbing.load_sharded("critic", model_dir, torch.float32, device, False)[0] if algo == "ppo" else None
-        opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (policy, critic) if m is not None]
-        rows = [(p, str(eval(p[:-1])), tok(p)["input_ids"]) for p in ("1+2=", "3+4=", "5+6=", "7+8=")]
-        run = make_run(args, policy, critic, opts, tok=tok, ref=ref, train_rows=rows, eos_ids=eos,
+        policy, ref = load("policy", model_dir), load("reference", model_dir)
+        critic = load("critic", model_dir) if algo == "ppo" else None
+        opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in (("policy", policy), ("critic", critic))
+                if m is not None}
+        rows = [plumbing.PromptRow(text=p, answer=str(eval(p[:-1])), ids=tok(p)["input_ids"])
+                for p in ("1+2=", "3+4=", "5+6=", "7+8=")]
+        run = make_run(args, policy, critic, opts, tok=tok, ref=ref, train_rows=rows,
                        reward_fns=plumbing.load_reward_functions("math"),
-                       sample_config=plumbing.neutral_generation_config(4, 1.0, eos, tok.pad_token_id))
+                       sampler=sampling.make_sampler(policy, tok, 4, 1.0, None))
         calls = []
         originals = wrap_collectives(calls, COLLECTIVES)
         try:
@@ -192,24 +208,25 @@ def run_collectives(model_dir: str, out_dir: str) -> None:
             for fn_name, original in originals.items():
                 setattr(dist, fn_name, original)
         seen[algo] = {"calls": calls, "group_device": str(plumbing.group_device())}
-    if rank == 0:
+    if dist.get_rank() == 0:
         torch.save(seen, os.path.join(out_dir, "collectives.pt"))
 
 
 def run_loading(model_dir: str, out_dir: str) -> None:
-    """plumbing.load_sharded on 2 ranks: count the full-model loads per rank (only rank 0 may read the checkpoint into
+    """plumbing.load_model on 2 ranks: count the full-model loads per rank (only rank 0 may read the checkpoint into
     host memory), then gather every parameter and buffer to compare with the checkpoint on disk."""
     rank, device = dist.get_rank(), torch.device("cpu")
     calls, original = [], plumbing.load_full_model
 
-    def counting(*args, **kwargs):
-        calls.append(args[0])
-        return original(*args, **kwargs)
+    def counting(spec):
+        calls.append(spec.role)
+        return original(spec)
 
     plumbing.load_full_model = counting
     try:
-        policy, shapes, generation_config = plumbing.load_sharded("causal", model_dir, torch.float32, device, False)
-        critic = plumbing.load_sharded("critic", model_dir, torch.float32, device, False)[0]
+        spec = plumbing.ModelSpec("policy", model_dir, "--model")
+        policy, shapes, generation_config = plumbing.load_model(spec, device, False)
+        critic = load("critic", model_dir)
     finally:
         plumbing.load_full_model = original
     out = {"calls": plumbing.all_gather_objects(calls), "shapes": shapes,

@@ -6,10 +6,11 @@ OUT_DIR/spec.json holds {"model": DIR, "T": max new tokens, "cases": {name: [[pr
 "train_argv": [...] or null}.
 
 1. eval: for each case, a train.Run around the sharded policy with those eval rows, then train.evaluate; each rank
-   writes OUT_DIR/eval_rank{R}.json: the returned metrics, how many rows it held, how many sample() calls it made,
-   len(run.eval_samples), and "finished": true (written only when evaluate returned).
+   writes OUT_DIR/eval_rank{R}.json: the returned metrics, how many rows it held, the rows of each
+   sampling.generate call it made, the samples returned, and "finished": true (written only when evaluate returned).
 2. train (when train_argv is given): train.main(train_argv) in the same process group (setup_distributed patched
-   to return it), with plumbing.load_sharded wrapped so that each rank records how the reward model was sharded (OUT_DIR/rm_rank{R}.json).
+   to return it), with plumbing.load_model wrapped so that each rank records how the reward model was sharded
+   (OUT_DIR/rm_rank{R}.json).
 
 Also holds the custom reward test_flags.py passes as --reward _eval_worker:odd_digits (non-constant rewards, so that
 a random tiny policy gets non-zero advantages and actually moves).
@@ -23,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import plumbing  # noqa: E402
+import sampling  # noqa: E402
 import train  # noqa: E402
 
 
@@ -38,26 +40,26 @@ def run_eval(spec: dict, out_dir: str) -> None:
 
     rank, world, device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
     tok = plumbing.load_tokenizer(spec["model"])
-    eos, T = [tok.eos_token_id], spec["T"]
-    policy = plumbing.load_sharded("causal", spec["model"], torch.float32, device, False)[0]
-    calls, original = [], train.sample
+    T = spec["T"]
+    policy = plumbing.load_model(plumbing.ModelSpec("policy", spec["model"], "--model"), device, False)[0]
+    calls, original = [], sampling.generate
 
-    def counting_sample(run, rows, **kw):
-        calls.append(len(rows))
-        return original(run, rows, **kw)
+    def counting_generate(policy, tok, prompt_ids, *a, **kw):
+        calls.append(len(prompt_ids))
+        return original(policy, tok, prompt_ids, *a, **kw)
 
-    train.sample = counting_sample
+    sampling.generate = counting_generate
     result = {}
     for name, rows in spec["cases"].items():
-        eval_rows = [(p, a, tok(p)["input_ids"]) for p, a in rows]
-        run = make_run(train.Args(max_new_tokens=T), policy, None, [], tok=tok, eos_ids=eos, eval_rows=eval_rows,
-                       greedy_config=plumbing.neutral_generation_config(T, None, eos, tok.pad_token_id))
+        eval_rows = [plumbing.PromptRow(text=p, answer=a, ids=tok(p)["input_ids"]) for p, a in rows]
+        run = make_run(train.Args(max_new_tokens=T), policy, None, {}, tok=tok, eval_rows=eval_rows,
+                       sampler=sampling.make_sampler(policy, tok, T, 1.0, None))
         calls.clear()
-        metrics = train.evaluate(run)
+        metrics, samples = train.evaluate(run)
         result[name] = {"metrics": metrics, "my_rows": len(eval_rows[rank::world]), "sample_calls": list(calls),
-                        "n_samples": len(run.eval_samples), "sample_prompts": [s["prompt"] for s in run.eval_samples],
+                        "n_samples": len(samples), "sample_prompts": [s["prompt"] for s in samples],
                         "finished": True}
-    train.sample = original
+    sampling.generate = original
     with open(os.path.join(out_dir, f"eval_rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.barrier()
@@ -66,13 +68,13 @@ def run_eval(spec: dict, out_dir: str) -> None:
 def run_train(argv: list, out_dir: str) -> None:
     from torch.distributed.tensor import DTensor
 
-    seen, original = [], plumbing.load_sharded
+    seen, original = [], plumbing.load_model
 
-    def recording(kind, path, *a, **kw):
-        out = original(kind, path, *a, **kw)
-        if kind == "reward":
+    def recording(spec, *a, **kw):
+        out = original(spec, *a, **kw)
+        if spec.role == "reward_model":
             params = list(out[0].parameters())
-            seen.append({"path": path, "all_dtensor": all(isinstance(p, DTensor) for p in params),
+            seen.append({"path": spec.path, "all_dtensor": all(isinstance(p, DTensor) for p in params),
                          "placements": sorted({str(p.placements) for p in params if isinstance(p, DTensor)}),
                          "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
                          "full_numel": sum(p.numel() for p in params)})
@@ -81,7 +83,7 @@ def run_train(argv: list, out_dir: str) -> None:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    plumbing.load_sharded = recording
+    plumbing.load_model = recording
     # train.main joins the process group already up (a destroy + re-init on torchrun's store is not reliable)
     plumbing.setup_distributed = lambda: (rank, world, torch.device("cpu"))
     code = train.main(argv)

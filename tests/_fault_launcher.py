@@ -3,7 +3,7 @@
 and is installed by monkeypatching train / plumbing / torch.distributed.checkpoint in this process, so that the product
 code carries no test hooks:
 
-  nan:STEP              the loss of every minibatch of step STEP is multiplied by NaN (train.policy_loss)
+  nan:STEP              the clipped surrogate of every minibatch of step STEP is multiplied by NaN (so is the loss)
   raise:RANK:STEP       rank RANK raises RuntimeError at the start of step STEP (train.rl_step)
   kill_in_save:STEP     every rank SIGKILLs itself inside step STEP's checkpoint save, once its DCP shards are written
                         and before the commit (torch.distributed.checkpoint.save)
@@ -35,7 +35,7 @@ def install(fault: str) -> None:
     if kind == "nan":
         at = int(rest)
         current = {"step": None}
-        rl_step, policy_loss = train.rl_step, train.policy_loss
+        rl_step, surrogate = train.rl_step, train.ppo.clipped_surrogate_loss
 
         @functools.wraps(rl_step)
         def remembering_rl_step(run, step):
@@ -45,14 +45,12 @@ def install(fault: str) -> None:
             finally:
                 current["step"] = None
 
-        @functools.wraps(policy_loss)
-        def nan_policy_loss(*args, **kwargs):
-            out = policy_loss(*args, **kwargs)
-            if current["step"] == at:
-                out["loss"] = out["loss"] * float("nan")
-            return out
+        @functools.wraps(surrogate)
+        def nan_surrogate(*args, **kwargs):
+            out = surrogate(*args, **kwargs)
+            return out * float("nan") if current["step"] == at else out
 
-        train.rl_step, train.policy_loss = remembering_rl_step, nan_policy_loss
+        train.rl_step, train.ppo.clipped_surrogate_loss = remembering_rl_step, nan_surrogate
     elif kind == "raise":
         rank, at = map(int, rest.split(":"))
         rl_step = train.rl_step

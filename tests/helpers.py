@@ -44,8 +44,8 @@ def main_error(capsys, *args) -> str:
 
 
 def copy_base(base, out):
-    """A fresh --out holding the embedded SFT model and data of the run in `base` (reused, not rebuilt)."""
-    for d in ("sft_model", "embedded_data"):
+    """A fresh --out holding the warm start (OUT/sft) and the data of the run in `base`: reused, not rebuilt."""
+    for d in ("sft", "embedded_data"):
         shutil.copytree(base / d, out / d)
     return out
 
@@ -54,9 +54,9 @@ def save_tiny_llama(path, chat_template: str | None = None) -> str:
     """A random tiny Llama (GQA, untied head, large init so log-probs are far from uniform) + the char tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import plumbing
+    import embedded_task
 
-    tok = plumbing.make_char_tokenizer()
+    tok = embedded_task.make_char_tokenizer()
     if chat_template:
         tok.chat_template = chat_template
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -66,3 +66,34 @@ def save_tiny_llama(path, chat_template: str | None = None) -> str:
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def step_on(run, rollout, scores, logprobs=None, values=None) -> dict:
+    """train.rl_step on a rollout made here: train.sample and train.score are replaced (in this process, for this
+    call) by functions returning `rollout` and `scores`; with `logprobs` = (old, ref), train.token_logprobs returns
+    them, and with `values`, train.token_values does. The rest of the step (advantages, the epochs × minibatches
+    loop, the optimizer steps, the logged row) is the trainer's own. Returns the logged row, plus "_advantages" and
+    "_returns" as rl_step computed them."""
+    import train
+
+    seen, advantages = {}, train.compute_advantages
+
+    def keep_advantages(run, batch):
+        seen["_advantages"], seen["_returns"] = advantages(run, batch)
+        return seen["_advantages"], seen["_returns"]
+
+    patched = {"sample": lambda run, rows, repeat: rollout, "score": lambda run, batch, step: (scores, None),
+               "compute_advantages": keep_advantages}
+    if logprobs is not None:
+        patched["token_logprobs"] = lambda run, model, batch: logprobs[0] if model is run.policy else logprobs[1]
+    if values is not None:
+        patched["token_values"] = lambda run, batch: values
+    originals = {name: getattr(train, name) for name in patched}
+    try:
+        for name, fn in patched.items():
+            setattr(train, name, fn)
+        row = train.rl_step(run, step=1)
+    finally:
+        for name, fn in originals.items():
+            setattr(train, name, fn)
+    return row | seen

@@ -159,8 +159,8 @@ def kill_in_save_then_resume(out) -> dict:
 
 
 def reward_inf_on_rank_1(out) -> dict:
-    p = train(out, *TINY, "--steps", 2, "--reward", "_fault_rewards:inf_on_rank_1", nproc=2)
-    return {"p": p, "stopped_after_s": seconds_since_last_row(out)}  # the last row: step 0's evaluation
+    p = train(out, *TINY, "--steps", 2, "--reward", "_fault_rewards:inf_on_rank_1", "--eval-size", 0, nproc=2)
+    return {"p": p, "stopped_after_s": seconds_since_last_row(out)}  # no row: metrics.jsonl as the run created it
 
 
 def rank_1_raises(out) -> dict:
@@ -179,7 +179,7 @@ def runs(base, tmp_path_factory) -> dict:
     (data / "empty.jsonl").write_text("")
     (data / "columns.jsonl").write_text("".join(json.dumps({"q": f"{i}+1=", "a": str(i + 1)}) + "\n" for i in range(10)))
     (data / "long.jsonl").write_text("".join(json.dumps({"question": "1+" * 40 + "1=", "answer": "41"}) + "\n" for _ in range(10)))
-    no_pad = shutil.copytree(base / "sft_model", root / "no_pad_model")  # a tokenizer (and config) without a pad token
+    no_pad = shutil.copytree(base / "sft" / "hf", root / "no_pad_model")  # a tokenizer (and config) without pad
     for name, key in (("tokenizer_config.json", "pad_token"), ("config.json", "pad_token_id"), ("generation_config.json", "pad_token_id")):
         cfg = json.loads((no_pad / name).read_text())
         cfg.pop(key)
@@ -193,8 +193,9 @@ def runs(base, tmp_path_factory) -> dict:
         "reward_inf_on_rank_1": reward_inf_on_rank_1,
         "nan": (["--steps", 3], {"fault": "nan:2"}),
         "no_pad": (["--steps", 1, "--model", no_pad, "--dataset", base / "embedded_data"], {}),
-        "reward_raises": (["--steps", 2, "--reward", "_fault_rewards:raises"], {}),
-        "reward_nan": (["--steps", 2, "--reward", "_fault_rewards:nan_on_third"], {}),
+        "reward_raises": (["--steps", 2, "--reward", "_fault_rewards:raises", "--eval-size", 0], {}),
+        "reward_nan": (["--steps", 2, "--reward", "_fault_rewards:nan_on_third", "--eval-size", 0], {}),
+        "eval_reward_raises": (["--steps", 2, "--reward", "_fault_rewards:raises"], {}),
         "model_hub": (["--model", "no-such-org/no-such-model-xyz"], {}),
         "dataset_hub": (["--dataset", "no-such-org/no-such-dataset-xyz"], {}),
         "dataset_empty": (["--dataset", data / "empty.jsonl"], {}),
@@ -217,7 +218,7 @@ def runs(base, tmp_path_factory) -> dict:
 def test_bad_argument_exits_2_with_one_line(tmp_path):
     p = train(tmp_path / "out", *TINY, "--algo", "sac")
     assert p.returncode == 2
-    assert one_error(p) == "error: --algo must be 'grpo' or 'ppo', not 'sac'"
+    assert one_error(p) == "error: --algo must be 'sft', 'rm', 'grpo' or 'ppo', not 'sac'"
 
 
 def test_prompts_per_step_not_divisible_across_ranks(tmp_path, capsys, monkeypatch):
@@ -246,14 +247,16 @@ def test_model_or_dataset_that_cannot_be_used(run, says, runs):
     assert not os.path.exists(os.path.join(out, "metrics.jsonl")), "stopped before the first evaluation"
 
 
-@pytest.mark.parametrize("run, says", [
-    ("reward_raises", "reward '_fault_rewards:raises' raised ValueError: boom on sample 0 of step 1"),
-    ("reward_nan", "reward '_fault_rewards:nan_on_third' returned nan on sample 2 of step 1"),
+@pytest.mark.parametrize("run, says, logged", [
+    ("reward_raises", "reward '_fault_rewards:raises' raised ValueError: boom on sample 0 of step 1", []),
+    ("reward_nan", "reward '_fault_rewards:nan_on_third' returned nan on sample 2 of step 1", []),
+    ("eval_reward_raises", "reward '_fault_rewards:raises' raised ValueError: boom on evaluation prompt 0", []),
 ])
-def test_reward_that_raises_or_is_not_finite(run, says, runs):
+def test_reward_that_raises_or_is_not_finite(run, says, logged, runs):
+    """In a step (no evaluation) and in the step-0 evaluation, which scores its greedy completions with --reward."""
     out, p = runs[run]
     assert says in one_error(p)
-    assert [r["step"] for r in rows(out)] == [0] and checkpoints(out) == [], "nothing may reach the optimizer"
+    assert [r["step"] for r in rows(out)] == logged and checkpoints(out) == [], "nothing may reach the optimizer"
 
 
 def test_reward_not_finite_on_one_rank_stops_both_and_rank_0_names_it(runs):
@@ -262,7 +265,7 @@ def test_reward_not_finite_on_one_rank_stops_both_and_rank_0_names_it(runs):
     # rank 1 holds samples 8..15 of the global batch (2 prompts × G=4 per rank)
     assert "reward '_fault_rewards:inf_on_rank_1' returned inf on sample 8 of step 1" in line
     stopped_promptly(seen, line)
-    assert [r["step"] for r in rows(out)] == [0] and checkpoints(out) == [], "nothing may reach the optimizer"
+    assert rows(out) == [] and checkpoints(out) == [], "nothing may reach the optimizer"
 
 
 def test_resume_with_another_configuration_is_refused(base, tmp_path, capsys):

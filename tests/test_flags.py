@@ -1,4 +1,4 @@
-"""Flags of train.py, each checked for what it is for (issue #12), and evaluate() on 1 and 2 ranks.
+"""Flags of train.py, each checked for what it is for, and evaluate() on 1 and 2 ranks.
 
 Expected values come from computations written here (hand formulas, a plain per-sequence forward, a greedy loop
 without generate()), never from train.py's own output. Real runs call train.main(argv) in this process (the code
@@ -20,9 +20,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import embedded_task
 import plumbing
+import sampling
 import train
-from helpers import free_port, save_tiny_llama
+from helpers import free_port, save_tiny_llama, step_on
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "_eval_worker.py")
@@ -54,7 +56,7 @@ def rm_dir(root: Path, bias: float) -> str:
     from transformers import BertConfig, BertForSequenceClassification
 
     path = root / f"rm_{bias}"
-    tok = plumbing.make_char_tokenizer()
+    tok = embedded_task.make_char_tokenizer()
     cfg = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                      max_position_embeddings=64, num_labels=1, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
@@ -101,10 +103,8 @@ def without_timing(rows: list) -> list:
 
 
 def bare_run(args, **fields) -> train.Run:
-    base = dict(tok=None, policy=None, ref=None, critic=None, reward_model=None, rm_tok=None, reward_fns=[], optimizers=[],
-                train_rows=[], eval_rows=[], sample_config=None, greedy_config=None, eos_ids=[], hf_generation_config=None,
-                beta=args.beta)
-    return train.Run(args, 0, 1, torch.device("cpu"), **(base | fields))
+    base = dict(tok=None, train_rows=[None] * 8, eval_rows=[], optimizers={}, base_lr={}, beta=args.beta)
+    return train.Run(args=args, rank=0, world=1, device=torch.device("cpu"), **(base | fields))
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate()
@@ -199,16 +199,16 @@ def test_evaluate_one_rank_odd_rows_known_correct(eval_cases, one_process_group)
 
     _, model, cases, expected = eval_cases
     tok = plumbing.load_tokenizer(model)
-    eos = [tok.eos_token_id]
-    policy = plumbing.shard(plumbing.load_full_model("causal", model, torch.float32), False).eval()
+    policy = plumbing.shard(plumbing.load_full_model(plumbing.ModelSpec("policy", model, "--model")), False)
     for name, rows in cases.items():
-        run = make_run(train.Args(max_new_tokens=EVAL_T), policy, None, [], tok=tok, eos_ids=eos,
-                       eval_rows=[(p, a, tok(p)["input_ids"]) for p, a in rows],
-                       greedy_config=plumbing.neutral_generation_config(EVAL_T, None, eos, tok.pad_token_id))
+        run = make_run(train.Args(max_new_tokens=EVAL_T), policy, None, {}, tok=tok,
+                       eval_rows=[plumbing.PromptRow(text=p, answer=a, ids=tok(p)["input_ids"]) for p, a in rows],
+                       sampler=sampling.make_sampler(policy, tok, EVAL_T, 1.0, None))
         k, n = expected[name]
-        assert train.evaluate(run) == {"eval_accuracy": k / n, "eval_n": n}, name
-        assert [s["prompt"] for s in run.eval_samples] == [r[0] for r in rows]
-        assert sum(s["correct"] for s in run.eval_samples) == k
+        metrics, samples = train.evaluate(run)
+        assert metrics == {"eval_accuracy": k / n, "eval_n": n}, name
+        assert [s["prompt"] for s in samples] == [r[0] for r in rows]
+        assert sum(s["correct"] for s in samples) == k
 
 
 def test_evaluate_two_ranks_odd_rows_and_padding_batch(eval_cases, two_rank_launch):
@@ -240,7 +240,7 @@ def test_evaluate_two_ranks_odd_rows_and_padding_batch(eval_cases, two_rank_laun
 def test_reward_model_is_sharded_and_weighted_inside_train(two_rank_launch):
     """train.main on 2 ranks with --reward-model RM (every text scores b = 0.75), --reward-model-weight 2 and the
     rule-based reward weighted 0: reward_mean = 2 × 0.75 = 1.5 exactly, reward_std 0; the reward model was loaded
-    through load_sharded as FSDP2 DTensors, each rank holding about half of it.
+    through load_model as FSDP2 DTensors, each rank holding about half of it.
 
     Catches: --reward-model-weight ignored (0.75) or applied twice (3.0); the reward model's score not added to the
     total (0); the reward model loaded whole on every rank (plain tensors, local = full)."""
@@ -292,8 +292,8 @@ def truncated_batch(tok, G=4, T=3, seed=0, row2=None, score2=0.3) -> train.Rollo
     lmask[2] = 0
     scores = torch.tensor([1.0, 0.0, score2, 2.0, 0.5, 1.5, 0.0, 1.0])
     n = len(scores)
-    return train.Rollout(ids, torch.ones(B, P + T, dtype=torch.long), cmask, lmask, P, [""] * n, [""] * n, [""] * n,
-                         scores=scores)
+    return train.Rollout(input_ids=ids, attention_mask=torch.ones(B, P + T, dtype=torch.long), completion_mask=cmask,
+                         loss_mask=lmask, n_prompt=P, prompts=[""] * n, answers=[""] * n, texts=[""] * n, scores=scores)
 
 
 def hand_group_advantages(scores: list, valid: list, G: int, scale: bool = True) -> list:
@@ -350,7 +350,7 @@ def reference_update(tiny_dir, batch, adv, loss_agg, lr):
 
 @pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "token-mean"])
 def test_mask_truncated_row_is_out_of_the_update(tiny_dir, one_process_group, loss_agg):
-    """GRPO, --mask-truncated, train.update with plain SGD: (1) changing the truncated row's tokens and score leaves the
+    """GRPO, --mask-truncated, one train.rl_step on a hand-made rollout with plain SGD: (1) changing the truncated row's tokens and score leaves the
     parameters after the update identical; (2) the update equals the hand-written one whose normaliser counts the
     kept rows (seq-mean) or the kept rows' tokens (token-mean) only.
 
@@ -361,15 +361,14 @@ def test_mask_truncated_row_is_out_of_the_update(tiny_dir, one_process_group, lo
     tok = plumbing.load_tokenizer(tiny_dir)
     lr = 0.5
     args = train.Args(algo="grpo", group_size=4, prompts_per_step=2, mask_truncated=True, minibatch_size=8,
-                      micro_batch_size=0, max_new_tokens=3, loss_agg=loss_agg, ent_coef=0.0, beta=0.0, max_grad_norm=1e9)
+                      micro_batch_size=8, max_new_tokens=3, loss_agg=loss_agg, ent_coef=0.0, beta=0.0, max_grad_norm=1e9)
     d = tok.convert_tokens_to_ids(list("91"))
     after = []
     for row2, score2 in ((None, 0.3), ([d[0], d[1], d[0]], -4.0)):
         policy = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-        run = bare_run(args, policy=policy, optimizers=[torch.optim.SGD(policy.parameters(), lr=lr)])
+        run = bare_run(args, policy=policy, optimizers={"policy": torch.optim.SGD(policy.parameters(), lr=lr)})
         batch = truncated_batch(tok, row2=row2, score2=score2)
-        batch.advantages, batch.returns = train.compute_advantages(run, batch)
-        train.update(run, batch, step=1)
+        step_on(run, batch, batch.scores)  # π_θold: the trainer's own no-grad pass (ratio 1)
         after.append({n: p.detach().clone() for n, p in policy.named_parameters()})
     for n in after[0]:
         torch.testing.assert_close(after[1][n], after[0][n], atol=0, rtol=0, msg=n)
@@ -408,8 +407,9 @@ def test_scale_rewards_false_is_r_minus_group_mean():
 
     Catches: the flag ignored (std division always), or its meaning inverted."""
     scores = [1.0, 0.0, 0.3, 2.0, 0.5, 1.5, 0.0, 4.0]
-    batch = train.Rollout(torch.zeros(8, 2, dtype=torch.long), torch.ones(8, 2), torch.ones(8, 1), torch.ones(8, 1), 1,
-                          [""] * 8, [""] * 8, [""] * 8, scores=torch.tensor(scores))
+    batch = train.Rollout(input_ids=torch.zeros(8, 2, dtype=torch.long), attention_mask=torch.ones(8, 2),
+                          completion_mask=torch.ones(8, 1), loss_mask=torch.ones(8, 1), n_prompt=1, prompts=[""] * 8,
+                          answers=[""] * 8, texts=[""] * 8, scores=torch.tensor(scores))
     for scale in (False, True):
         adv, _ = train.compute_advantages(bare_run(train.Args(algo="grpo", group_size=4, scale_rewards=scale)), batch)
         expected = [s - statistics.mean(scores[g : g + 4]) for g in (0, 4) for s in scores[g : g + 4]] if not scale else \
@@ -426,8 +426,9 @@ def test_whiten_advantages_false_keeps_raw_gae(one_process_group):
     lengths, scores = [4, 2, 3], [1.0, -0.5, 2.0]
     mask = torch.tensor([[1.0] * c + [0.0] * (T - c) for c in lengths])
     values = torch.tensor([[0.1, 0.2, -0.3, 0.4], [0.5, -0.1, 0.0, 0.0], [0.2, 0.2, 0.7, 0.0]]) * mask
-    batch = train.Rollout(torch.zeros(3, 1 + T, dtype=torch.long), torch.ones(3, 1 + T), mask, mask.clone(), 1,
-                          [""] * 3, [""] * 3, [""] * 3, scores=torch.tensor(scores), old_logprobs=torch.zeros(3, T) - 1.0,
+    batch = train.Rollout(input_ids=torch.zeros(3, 1 + T, dtype=torch.long), attention_mask=torch.ones(3, 1 + T),
+                          completion_mask=mask, loss_mask=mask.clone(), n_prompt=1, prompts=[""] * 3, answers=[""] * 3,
+                          texts=[""] * 3, scores=torch.tensor(scores), old_logprobs=torch.zeros(3, T) - 1.0,
                           old_values=values)
     raw = [[scores[i] - values[i, t].item() for t in range(c)] for i, c in enumerate(lengths)]
     flat = [x for r in raw for x in r]
@@ -448,7 +449,7 @@ def recording_lrs(monkeypatch, record: list):
     original = train.rl_step
 
     def wrapper(run, step):
-        record.append((step, [[g["lr"] for g in opt.param_groups] for opt in run.optimizers]))
+        record.append((step, [[g["lr"] for g in opt.param_groups] for opt in run.optimizers.values()]))
         return original(run, step)
 
     monkeypatch.setattr(train, "rl_step", wrapper)
@@ -489,8 +490,8 @@ def test_ppo_resume_restores_critic_and_lr_schedule(tmp_path, tiny_dir, data_fil
 
 # ---------------------------------------------------------------------------------------------------- KL controls
 
-def test_kl_target_adapts_beta_and_resumes_exactly(tmp_path, tiny_dir, data_file, main):
-    """GRPO --beta 0.05 --kl-target 0.002 --kl-horizon 16, 3 steps (with --eps-high 0.28 --dual-clip 3 --kl-estimator
+def test_adaptive_kl_target_adapts_beta_and_resumes_exactly(tmp_path, tiny_dir, data_file, main):
+    """GRPO --beta 0.05 --adaptive-kl-target 0.002 --kl-horizon 16, 3 steps (with --eps-high 0.28 --dual-clip 3 --kl-estimator
     k2): the logged β of steps 2 and 3 follow Ziegler's rule from the previous step's logged kl:
     e = clip(kl/X − 1, −0.2, 0.2), β' = β·(1 + e·n/H), n = 2 prompts × 4 = 8. Resumed from step 2 (step 3's
     checkpoint deleted): step 3's rows equal the uninterrupted run's (β comes from the checkpoint). The checkpoint's
@@ -499,7 +500,7 @@ def test_kl_target_adapts_beta_and_resumes_exactly(tmp_path, tiny_dir, data_file
     Catches: β not adapted; n = prompts only (K = 2/16); the error not clipped or clipped to another range; the sign
     of the correction inverted; β restarting from --beta on resume."""
     out = tmp_path / "out"
-    argv = base_argv(tiny_dir, data_file, out, "--steps", "3", "--save-every", "1", "--beta", "0.05", "--kl-target", "0.002",
+    argv = base_argv(tiny_dir, data_file, out, "--steps", "3", "--save-every", "1", "--beta", "0.05", "--adaptive-kl-target", "0.002",
                      "--kl-horizon", "16", "--lr", "0.05", "--eps-high", "0.28", "--dual-clip", "3", "--kl-estimator", "k2",
                      "--eval-size", "0")
     assert main(argv) == 0
@@ -517,15 +518,15 @@ def test_kl_target_adapts_beta_and_resumes_exactly(tmp_path, tiny_dir, data_file
     assert without_timing(metrics_rows(out)) == full
 
 
-def test_target_kl_stops_the_epochs_early(tmp_path, tiny_dir, data_file, main):
-    """GRPO --target-kl 1e-9 with --epochs 3 and 2 minibatches: the first minibatch that moved the policy stops the
+def test_early_stop_kl_stops_the_epochs_early(tmp_path, tiny_dir, data_file, main):
+    """GRPO --early-stop-kl 1e-9 with --epochs 3 and 2 minibatches: the first minibatch that moved the policy stops the
     step: minibatches_taken < 3 × 2 and kl_early_stop = 1.
 
-    Catches: --target-kl ignored (6 minibatches, kl_early_stop 0); a stop that only ends the current epoch (3 taken);
+    Catches: --early-stop-kl ignored (6 minibatches, kl_early_stop 0); a stop that only ends the current epoch (3 taken);
     the check made after the optimizer step instead of before it (2 taken)."""
     out = tmp_path / "out"
     assert main(base_argv(tiny_dir, data_file, out, "--steps", "1", "--epochs", "3", "--minibatch-size", "4",
-                          "--target-kl", "1e-9", "--lr", "0.05", "--eval-size", "0")) == 0
+                          "--early-stop-kl", "1e-9", "--lr", "0.05", "--eval-size", "0")) == 0
     (row,) = [r for r in metrics_rows(out) if "reward_mean" in r]
     # the first minibatch is on-policy (approx_kl 0): it steps; the second sees the moved policy and stops everything
     assert row["kl_early_stop"] == 1 and row["minibatches_taken"] == 1, row

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from gae import compute_gae
 from ppo import (adaptive_kl_beta, approx_kl, clip_fraction, clipped_surrogate_loss, entropy_from_logits,
-                 explained_variance, kl_early_stop, kl_shaped_rewards, ppo_loss, value_loss)
+                 explained_variance, kl_early_stop, kl_shaped_rewards, masked_mean, policy_diagnostics, ppo_loss,
+                 value_loss)
 
 EPS = 0.2
 # (ratio, advantage, gradient is zero?) — document 002, "Understanding the Per-Token Surrogate":
@@ -46,7 +48,7 @@ def test_asymmetric_and_dual_clip():
     ratio = torch.tensor([[1.25, 1.35, 0.75, 5.0]], dtype=torch.float64)
     adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=torch.float64)
     logp = ratio.log().requires_grad_(True)
-    loss = clipped_surrogate_loss(logp, old, adv, eps_low=0.2, eps_high=0.28, dual_clip=3.0)
+    loss = clipped_surrogate_loss(logp, old, adv, eps=0.2, eps_high=0.28, dual_clip=3.0)
     # 1.25 < 1.28: unclipped −1.25; 1.35 > 1.28: −1.28; 0.75 < 0.8 with A<0: 0.8; ρ=5, A=−1: min(5, 3) = 3
     torch.testing.assert_close(loss, torch.tensor([[-1.25, -1.28, 0.8, 3.0]], dtype=torch.float64))
     (grad,) = torch.autograd.grad(loss.sum(), logp)
@@ -111,20 +113,23 @@ def test_approx_kl_and_clipfrac():
     assert clip_fraction(ratio, torch.ones(1, 3), mask).item() == pytest.approx(1 / 3)
 
 
-def test_ppo_loss_global_normaliser_split():
+def test_masked_mean_global_normaliser_split():
+    """Two ranks' halves, each divided by the global count / 2, average to the whole batch's mean (the trainer's
+    normaliser: FSDP averages the two gradients)."""
     g = torch.Generator().manual_seed(1)
     B, T = 4, 5
-    args = [torch.randn(B, T, generator=g, dtype=torch.float64) for _ in range(5)]
+    x = torch.randn(B, T, generator=g, dtype=torch.float64)
     mask = (torch.arange(T)[None] < torch.tensor([5, 1, 3, 4])[:, None]).double()
-    whole = ppo_loss(args[0], args[1], args[2], mask, values=args[3], returns=args[4])["loss"]
+    whole = masked_mean(x, mask)
     n = mask.sum().item() / 2
-    halves = [ppo_loss(*(a[s] for a in args[:3]), mask[s], values=args[3][s], returns=args[4][s], num_tokens=n)["loss"]
-              for s in (slice(0, 2), slice(2, 4))]
+    halves = [masked_mean(x[s], mask[s], n) for s in (slice(0, 2), slice(2, 4))]
     assert torch.isclose(whole, sum(halves) / 2)
+    assert torch.isclose(whole, (x * mask).sum() / 13)  # 5 + 1 + 3 + 4 valid tokens
 
 
 def test_ppo_loss_parts_by_hand():
-    """Every part of ppo_loss against a hand computation with uneven log-ratios and non-default coefficients.
+    """Every part of the composite loss against a hand computation with uneven log-ratios and non-default
+    coefficients.
 
     Catches: a flipped entropy sign (+c_h·H), dropped old_values/value_clip (unclipped value loss), a hard-coded
     or wrong vf_coef (0.5 instead of 0.7), eps_high/dual_clip not passed through to the surrogate.
@@ -147,14 +152,17 @@ def test_ppo_loss_parts_by_hand():
     assert math.isclose(vl[3], 1.96) and vl[3] > (V[3] - R[3]) ** 2
     policy, value, entropy = sum(pg) / 4, sum(vl) / 4, sum(H) / 4
     t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
-    out = ppo_loss(t(logr), torch.zeros(1, 4, dtype=torch.float64), t(adv), torch.ones(1, 4), values=t(V), returns=t(R),
-                   old_values=t(V_old), entropy=t(H), eps=eps, eps_high=eps_high, dual_clip=c, vf_coef=vf,
-                   ent_coef=ent, value_clip=vclip)
-    assert math.isclose(out["policy_loss"].item(), policy, rel_tol=1e-12)
-    assert math.isclose(out["value_loss"].item(), value, rel_tol=1e-12)
-    assert math.isclose(out["entropy"].item(), entropy, rel_tol=1e-12)
+    mask, old = torch.ones(1, 4), torch.zeros(1, 4, dtype=torch.float64)
+    pg_mean = masked_mean(clipped_surrogate_loss(t(logr), old, t(adv), eps, eps_high, c), mask)
+    v_mean = masked_mean(value_loss(t(V), t(R), t(V_old), vclip), mask)
+    h_mean = masked_mean(t(H), mask)
+    assert math.isclose(pg_mean.item(), policy, rel_tol=1e-12)
+    assert math.isclose(v_mean.item(), value, rel_tol=1e-12)
+    assert math.isclose(h_mean.item(), entropy, rel_tol=1e-12)
     # L = −J_PPO + c_v L_V − c_h H
-    assert math.isclose(out["loss"].item(), policy + vf * value - ent * entropy, rel_tol=1e-12)
+    loss = ppo_loss(pg_mean, v_mean, h_mean, vf_coef=vf, ent_coef=ent)
+    assert math.isclose(loss.item(), policy + vf * value - ent * entropy, rel_tol=1e-12)
+    out = policy_diagnostics(t(logr), old, t(adv), mask, (eps, eps_high))
     assert out["clipfrac"].item() == pytest.approx(2 / 4)  # token 0 (ρ > 1.28, A > 0), token 1 (ρ < 0.8, A < 0)
 
 
@@ -163,9 +171,9 @@ def test_surrogate_validates_clip_arguments():
     x = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="dual_clip must be > 1"):
         clipped_surrogate_loss(x, x, x, dual_clip=1.0)
-    with pytest.raises(ValueError, match="eps_high >= eps_low > 0"):
-        clipped_surrogate_loss(x, x, x, eps_low=0.3, eps_high=0.2)
-    with pytest.raises(ValueError, match="eps_high >= eps_low > 0"):
+    with pytest.raises(ValueError, match="eps_high >= eps > 0"):
+        clipped_surrogate_loss(x, x, x, eps=0.3, eps_high=0.2)
+    with pytest.raises(ValueError, match="eps_high >= eps > 0"):
         clipped_surrogate_loss(x, x, x, eps=0.0)
 
 
@@ -195,6 +203,25 @@ def test_explained_variance_constant_returns_is_nan(value, dtype):
     R = torch.full((2, 7), value, dtype=dtype)
     V = torch.linspace(-1, 1, 14, dtype=dtype).reshape(2, 7)
     assert math.isnan(explained_variance(V, R, torch.ones(2, 7)).item())
+
+
+def test_explained_variance_is_nan_for_all_zero_rewards_after_the_critic_moved():
+    """All rewards 0 and a critic that has moved (V ≠ 0): GAE's returns R = A + V are 0 up to float32 rounding
+    (±1e-8), and 1 − Var[R − V]/Var[R] would read about −1e15. The returns do not vary beyond rounding: NaN.
+    Returns of 0 and 1, and returns that vary by 1e-3 of the values' scale, still give a number."""
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(64, 6, generator=g)  # (B, T) float32, the moved critic
+    mask = (torch.arange(6)[None] < torch.randint(1, 7, (64, 1), generator=g)).float()  # (B, T) ragged completions
+    _, R = compute_gae(torch.zeros(64, 6), V, mask, gamma=1.0, lam=1.0)  # (B, T)
+    assert R.abs().max() > 0, "the rounding the test is about is there"
+    assert R.abs().max() < 1e-6
+    raw = 1 - torch.var(R.double() - V.double()) / torch.var(R.double())
+    assert raw < -1e6, "what the old formula logged"
+    assert math.isnan(explained_variance(V, R, mask).item())
+    R01 = (torch.rand(64, 6, generator=g) > 0.5).float()
+    assert math.isfinite(explained_variance(V, R01, mask).item())
+    small = 1e-2 * (torch.rand(64, 6, generator=g) - 0.5)  # std ≈ 3e-3 against max |V| ≈ 3: above rtol = 1e-4
+    assert math.isfinite(explained_variance(V, small, mask).item())
 
 
 def test_kl_early_stop_rule():

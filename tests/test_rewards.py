@@ -19,6 +19,9 @@ from rewards import (
     parse_number,
     parse_reward_spec,
     preference_accuracy,
+    last_token_scores,
+    pad_batch,
+    reward_model_ids,
     rule_based_rewards,
     score_with_reward_model,
 )
@@ -216,6 +219,21 @@ def test_bradley_terry_hand_values():
     assert both.item() == pytest.approx((math.log(2.0) + math.log(4.0 / 3.0)) / 2, rel=1e-6)
 
 
+def test_bradley_terry_margin_and_global_normaliser_by_hand():
+    """A margin m: −log σ(r_c − r_r − m). With r_c − r_r = ln 3 and m = ln 3, Δ = 0 and the loss is log 2; with
+    m = 0 it is log(4/3). num_pairs N divides the sum instead of the batch's own count (two ranks' halves, each
+    over the global count / 2, average to the whole batch's loss)."""
+    ln3 = math.log(3.0)
+    both = bradley_terry_loss(torch.tensor([ln3, ln3]), torch.zeros(2), margin=torch.tensor([ln3, 0.0]))
+    assert both.item() == pytest.approx((math.log(2.0) + math.log(4.0 / 3.0)) / 2, rel=1e-6)
+    c, r = torch.tensor([0.3, -1.0, 2.0, 0.5]), torch.tensor([0.1, 0.4, -0.2, 0.5])
+    whole = bradley_terry_loss(c, r)
+    halves = [bradley_terry_loss(c[s], r[s], num_pairs=2.0) for s in (slice(0, 2), slice(2, 4))]
+    assert (halves[0] + halves[1]).item() / 2 == pytest.approx(whole.item(), rel=1e-6)
+    hand = sum(math.log(1 + math.exp(-(a - b))) for a, b in zip(c.tolist(), r.tolist())) / 4
+    assert whole.item() == pytest.approx(hand, rel=1e-6)
+
+
 def test_bradley_terry_large_margins_are_finite():
     chosen, rejected = torch.tensor([-500.0, 500.0]), torch.tensor([500.0, -500.0])  # Δ = −1000, +1000
     # −log σ(−1000) = log(1 + e^{1000}) ≈ 1000;  −log σ(1000) ≈ e^{−1000} ≈ 0. Mean ≈ 500.
@@ -283,35 +301,59 @@ def saved_reward_model(tmp_path_factory):
 
 
 def _score_alone(model, tokenizer, prompt, completion):
-    """Independent reference: one unpadded sequence straight through the model."""
+    """Independent reference: one unpadded row (prompt + completion + EOS) through the backbone, then the head applied
+    by hand to the hidden state of its last position: no padding, no pooling, no hook."""
+    ids = tokenizer(prompt + completion)["input_ids"] + [tokenizer.eos_token_id]
     with torch.no_grad():
-        return model(**tokenizer(prompt + completion, return_tensors="pt")).logits[0, 0].item()
+        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state  # (1, L, H)
+        return model.score(hidden[0, -1]).item()
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_score_with_reward_model_matches_unbatched(saved_reward_model, padding_side):
+def test_score_at_the_last_real_token_matches_one_row_at_a_time(saved_reward_model, padding_side):
+    """last_token_scores on a padded batch, left or right, equals each row scored alone: the position comes from the
+    attention mask, whatever the padding side."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(saved_reward_model).eval()
     tokenizer = AutoTokenizer.from_pretrained(saved_reward_model)
-    tokenizer.padding_side = padding_side
-    prompts, completions = zip(*TEXTS)
-    assert len({len(tokenizer(p + c)["input_ids"]) for p, c in TEXTS}) > 1  # the batch really gets padded
+    ids = [reward_model_ids(tokenizer, p, c) for p, c in TEXTS]
+    assert len({len(x) for x in ids}) > 1  # the batch really gets padded
+    input_ids, mask = pad_batch(ids, pad_id=tokenizer.pad_token_id, padding_side=padding_side)
+    with torch.no_grad():
+        scores = last_token_scores(model, input_ids, mask)
     expected = torch.tensor([_score_alone(model, tokenizer, p, c) for p, c in TEXTS])
-    scores = score_with_reward_model(model, tokenizer, list(prompts), list(completions), batch_size=3)
-    assert scores.shape == (len(TEXTS),) and scores.dtype == torch.float32
     assert expected.std() > 0.1  # distinct texts score differently, so a mix-up would be caught
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_score_with_reward_model_without_pad_token(saved_reward_model):
+def test_score_with_reward_model_matches_unbatched(saved_reward_model):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(saved_reward_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(saved_reward_model)
+    prompts, completions = zip(*TEXTS)
+    expected = torch.tensor([_score_alone(model, tokenizer, p, c) for p, c in TEXTS])
+    scores = score_with_reward_model(model, tokenizer, list(prompts), list(completions), batch_size=3)
+    assert scores.shape == (len(TEXTS),) and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_eos_as_pad_is_still_scored_at_the_eos(saved_reward_model):
+    """The tokenizer has no pad token, so EOS pads (the usual fallback). transformers' own pooling takes the rightmost
+    token that is not pad, so it skips the EOS every text ends with and scores the token before it (transformers
+    #35352); the score here is read at the EOS itself, as it is when scored alone."""
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(saved_reward_model, pad_token_id=None).eval()
     tokenizer = _tiny_tokenizer(with_pad=False)
     assert tokenizer.pad_token_id is None and model.config.pad_token_id is None
-    expected = torch.tensor([_score_alone(model, tokenizer, p, c) for p, c in TEXTS])  # batch of 1: last token
+    expected = torch.tensor([_score_alone(model, tokenizer, p, c) for p, c in TEXTS])
     scores = score_with_reward_model(model, tokenizer, [p for p, _ in TEXTS], [c for _, c in TEXTS], batch_size=2)
-    assert model.config.pad_token_id == tokenizer.eos_token_id  # eos stands in as pad, on both sides
+    assert model.config.pad_token_id == tokenizer.eos_token_id  # eos stands in as pad
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # what the pad-id pooling reads: the token before the EOS, another number
+        ids = torch.tensor([reward_model_ids(tokenizer, *TEXTS[0])])
+        pooled = model(input_ids=ids).logits[0, 0].item()
+    assert abs(pooled - expected[0].item()) > 1e-3
     assert score_with_reward_model(model, tokenizer, [], []).shape == (0,)

@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import logprobs
+import options
 import plumbing
+import sampling
 import train
 from helpers import free_port, save_tiny_llama
 
@@ -108,12 +111,12 @@ def test_sequence_logprobs_match_a_per_position_loop(tiny_dir, arch, temperature
     model = plain_model(tiny_dir) if arch == "llama" else tiny_gpt2(tok)
     ids, att, mask = fixed_rollout(tok)
     with torch.no_grad():
-        logprobs, entropy = train.sequence_logprobs(model, ids, att, P, temperature)  # (B, T)
+        logprobs_, entropy = logprobs.sequence_logprobs(model, ids, att, P, temperature)  # (B, T)
         lps, ents, unshifted = per_position_logprobs(model, ids, att, mask, temperature)
-    assert logprobs.shape == entropy.shape == (len(PROMPT_LENS), T)
+    assert logprobs_.shape == entropy.shape == (len(PROMPT_LENS), T)
     for i, (lp, ent) in enumerate(zip(lps, ents)):
         c = len(lp)
-        torch.testing.assert_close(logprobs[i, :c], lp, atol=2e-5, rtol=0)
+        torch.testing.assert_close(logprobs_[i, :c], lp, atol=2e-5, rtol=0)
         torch.testing.assert_close(entropy[i, :c], ent, atol=2e-5, rtol=0)
         assert (lp < 0).all() and (ent > 0).all()
     # the comparison has teeth: the log-probs are far from uniform, so a one-token shift would be caught
@@ -122,12 +125,12 @@ def test_sequence_logprobs_match_a_per_position_loop(tiny_dir, arch, temperature
 
 
 class FakePolicy(torch.nn.Module):
-    """Stands in for a sharded policy: unshard/reshard are no-ops, generate returns hand-made completions."""
+    """Stands in for a policy: generate returns hand-made completions (a parameter gives it a device)."""
 
     def __init__(self, completions: list[list[int]]):
         super().__init__()
         self.completions, self.calls = torch.tensor(completions), []
-
+        self.weight = torch.nn.Parameter(torch.zeros(1))
 
     def generate(self, input_ids, attention_mask, **kw):
         self.calls.append(kw)
@@ -136,14 +139,17 @@ class FakePolicy(torch.nn.Module):
 
 def fake_run(tok, policy, max_new_tokens: int, temperature: float, **args) -> train.Run:
     eos = [tok.eos_token_id]
-    return train.Run(train.Args(max_new_tokens=max_new_tokens, temperature=temperature, **args), 0, 1, torch.device("cpu"),
-                     tok, policy, None, None, None, None, [], [], [], [], sample_config=plumbing.neutral_generation_config(
-                         max_new_tokens, temperature, eos, tok.pad_token_id), greedy_config=plumbing.neutral_generation_config(
-                         max_new_tokens, None, eos, tok.pad_token_id), eos_ids=eos, hf_generation_config=None, beta=0.0)
+    sampler = sampling.Sampler(sample_config=sampling.neutral_generation_config(max_new_tokens, temperature, eos,
+                                                                                 tok.pad_token_id),
+                               greedy_config=sampling.neutral_generation_config(max_new_tokens, None, eos,
+                                                                                 tok.pad_token_id), eos_ids=eos)
+    return train.Run(args=train.Args(max_new_tokens=max_new_tokens, temperature=temperature, **args), rank=0, world=1,
+                     device=torch.device("cpu"), tok=tok, train_rows=[], eval_rows=[], optimizers={}, base_lr={},
+                     policy=policy, sampler=sampler)
 
 
 def rows_of(tok, prompts: list[str]) -> list:
-    return [(p, "0", tok(p)["input_ids"]) for p in prompts]
+    return [plumbing.PromptRow(text=p, answer="0", ids=tok(p)["input_ids"]) for p in prompts]
 
 
 def test_sample_mask_runs_through_the_first_eos(tiny_dir, one_process_group):
@@ -155,7 +161,8 @@ def test_sample_mask_runs_through_the_first_eos(tiny_dir, one_process_group):
             [d[0], d[1], d[2], d[0], d[1]],  # no EOS: truncated
             [d[2], d[2], d[2], d[2], E]]  # EOS on the last allowed token: not truncated
     policy = FakePolicy(rows)
-    ro = train.sample(fake_run(tok, policy, 5, 0.9, mask_truncated=True), rows_of(tok, ["1+2=", "13+4=", "7+7=", "0+0="]))
+    ro = train.sample(fake_run(tok, policy, 5, 0.9, mask_truncated=True), rows_of(tok, ["1+2=", "13+4=", "7+7=", "0+0="]),
+                      repeat=1)
     assert ro.completion_mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert ro.loss_mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]  # truncated: out
     assert ro.texts == ["12", "", "12312", "3333"]
@@ -166,10 +173,13 @@ def test_sample_mask_runs_through_the_first_eos(tiny_dir, one_process_group):
     assert config.max_new_tokens == 5 and config.eos_token_id == [E] and config.do_sample and config.temperature == 0.9
     # transformers stops early once every row has finished: the completion comes back shorter; greedy, repeat
     policy = FakePolicy([[d[0], E], [d[0], E], [E, pad], [E, pad]])
-    ro = train.sample(fake_run(tok, policy, 5, 0.9), rows_of(tok, ["1+2=", "3+4="]), greedy=True, repeat=2)
-    assert ro.completion_mask.tolist() == [[1, 1]] * 2 + [[1, 0]] * 2  # trimmed to the longest completion
-    assert ro.input_ids.shape == (4, ro.n_prompt + 2) and ro.loss_mask.tolist() == ro.completion_mask.tolist()
-    assert ro.input_ids[0, : ro.n_prompt].tolist() == ro.input_ids[1, : ro.n_prompt].tolist()  # repeat_interleave
+    run = fake_run(tok, policy, 5, 0.9)
+    done = sampling.generate(policy, tok, [r.ids for r in rows_of(tok, ["1+2=", "3+4="])], run.sampler, greedy=True,
+                             repeat=2)
+    P_ = done.input_ids.shape[1] - done.completion_mask.shape[1]
+    assert done.completion_mask.tolist() == [[1, 1]] * 2 + [[1, 0]] * 2  # trimmed to the longest completion
+    assert done.input_ids.shape == (4, P_ + 2) and not done.truncated.any() and done.sampler_logprobs is None
+    assert done.input_ids[0, :P_].tolist() == done.input_ids[1, :P_].tolist()  # repeat_interleave
     assert policy.calls[0]["generation_config"].do_sample is False
 
 
@@ -199,7 +209,7 @@ def fsdp_runs(tiny_dir, tmp_path_factory) -> tuple[Path, dict]:
     ids, att, mask = fixed_rollout(tok)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        lp = train.sequence_logprobs(model, ids, att, P, TEMPERATURE)[0]  # (B, T) only the centre of the noise below
+        lp = logprobs.sequence_logprobs(model, ids, att, P, TEMPERATURE)[0]  # (B, T) the centre of the noise below
     batch = dict(input_ids=ids, attention_mask=att, mask=mask, n_prompt=P, group_size=G, temperature=TEMPERATURE,
                  beta=BETA, ent_coef=ENT_COEF, scores=torch.tensor(SCORES),
                  old_logprobs=lp + 0.3 * torch.randn(lp.shape, generator=g),  # ratios inside and outside 1 ± ε
@@ -219,7 +229,7 @@ def test_generate_gathers_parameters_once_per_rollout(tiny_dir, fsdp_runs):
     for counts in out["counts_per_rank"]:
         for T_ in (2, 8):
             c = dict(counts[f"train.sample T={T_}"])
-            # one all_reduce: the longest completion over ranks (train.sample pads every rank's batch to it)
+            # one all_reduce: the longest completion over ranks (sampling.generate pads every rank's batch to it)
             assert c.pop("all_reduce", 0) == 1
             # FSDP2 (torch 2.13) all-gathers through dist.all_gather_single: one per FSDP module, independent of T
             assert c == {"all_gather_single": n_modules}
@@ -407,7 +417,7 @@ def test_rank_0_alone_reads_the_checkpoint_and_the_shards_equal_it(tiny_dir, fsd
     from transformers import AutoModelForTokenClassification
 
     out = torch.load(fsdp_runs[0] / "loading.pt", weights_only=False)
-    assert out["calls"] == [["causal", "critic"], []]  # rank 0 loaded both models once; rank 1 never did
+    assert out["calls"] == [["policy", "critic"], []]  # rank 0 loaded both models once; rank 1 never did
     n_params = sum(math.prod(s) for s in out["shapes"])
     assert sum(out["local_numel"]) == n_params and 0 < out["local_numel"][1] < n_params  # both ranks hold a share
     disk = plain_model(tiny_dir)
@@ -422,6 +432,7 @@ def test_rank_0_alone_reads_the_checkpoint_and_the_shards_equal_it(tiny_dir, fsd
 
 
 HELPERS = {"all_reduce", "all_gather_cat", "all_gather_objects", "broadcast_from_rank0"}  # plumbing's collective helpers
+PRODUCT = ("plumbing.py", "train.py", "sampling.py", "logprobs.py", "sft.py", "reward_model.py", "embedded_task.py")
 
 
 def test_every_collective_of_a_step_is_on_the_group_device(fsdp_runs):
@@ -437,7 +448,7 @@ def test_every_collective_of_a_step_is_on_the_group_device(fsdp_runs):
         for c in calls:
             assert set(c["devices"]) <= {device}, (algo, c)
             file, fn = c["caller"][-1]
-            assert (file == "plumbing.py" and fn in HELPERS) or file not in ("plumbing.py", "train.py"), (algo, c)
+            assert (file == "plumbing.py" and fn in HELPERS) or file not in PRODUCT, (algo, c)
 
 
 def test_logged_clipfrac_and_approx_kl_do_not_depend_on_world_size(fsdp_runs):
@@ -468,6 +479,7 @@ def test_torchrun_two_ranks_end_to_end(algo, extra, tmp_path):
 
     out = tmp_path / "out"
     p = run(["train.py", "--algo", algo, "--sft-steps", "60", "--out", str(out), *TINY, *extra], tmp_path, nproc=2)
+    sft_model = out / "sft" / "hf"  # the warm start: the sft stage ran first, into OUT/sft
     assert "2 rank(s) on cpu" in p.stdout
     train_rows, eval_rows = read_metrics(out)
     assert [r["step"] for r in train_rows] == [1, 2] and [r["step"] for r in eval_rows] == [0, 1, 2]
@@ -486,9 +498,10 @@ def test_torchrun_two_ranks_end_to_end(algo, extra, tmp_path):
         assert ev == 0.0 or (ev is None and train_rows[0]["reward_std"] == 0)  # null (NaN): returns all equal
     memory = json.loads((out / "memory.json").read_text())
     assert memory["world_size"] == 2 and memory["predicted_bytes"] == memory["measured_bytes"]
-    expected = {"policy": ledger_bytes_rank0_of_2(AutoModelForCausalLM.from_pretrained(out / "sft_model"))}
+    expected = {"policy": ledger_bytes_rank0_of_2(AutoModelForCausalLM.from_pretrained(sft_model))}
     if algo == "ppo":
-        expected["critic"] = ledger_bytes_rank0_of_2(AutoModelForTokenClassification.from_pretrained(out / "sft_model", num_labels=1))
+        critic = AutoModelForTokenClassification.from_pretrained(sft_model, num_labels=1)
+        expected["critic"] = ledger_bytes_rank0_of_2(critic)
     assert memory["predicted_bytes"] == expected
     ckpt = out / "checkpoints" / "step_000002"
     assert json.loads((ckpt / "meta.json").read_text())["step"] == 2
@@ -499,7 +512,7 @@ def test_unset_options_take_model_dependent_defaults():
     """The embedded task's tuned values (README, "What tuning showed") never leak into a --model run, and an explicit
     value, zero included, always wins."""
     close = lambda xs, ys: all(math.isclose(x, y, rel_tol=1e-12) for x, y in zip(xs, ys, strict=True))
-    parse = lambda argv: plumbing.fill_model_defaults(plumbing.parse_args(train.Args, argv))
+    parse = lambda argv: options.resolve_defaults(options.parse_args(train.Args, argv), 1)
     embedded = parse(["--algo", "ppo"])
     assert close((embedded.lr, embedded.critic_lr, embedded.ent_coef), (1e-3, 5e-3, 0.08))
     assert parse([]).ent_coef == 0.05  # GRPO
@@ -529,8 +542,8 @@ def test_local_model_dir_and_dataset_file_with_custom_columns(tiny_dir, arithmet
              "--prompt-column", "problem", "--answer-column", "solution", "--out", str(out), *TINY, "--steps", "1"], tmp_path)
     # the file has no 'question'/'answer' columns, so the custom ones were used; one file is the train split, and
     # min(--eval-size 16, 50 // 5) = 10 of its rows are held out for evaluation
-    assert "40 train / 10 eval prompts" in p.stdout
-    assert not (out / "sft_model").exists()  # the given model was used, the embedded one was not built
+    assert "40 train / 10 eval rows" in p.stdout
+    assert not (out / "sft").exists() and not (out / "embedded_model").exists()  # the given model was used
     train_rows, eval_rows = read_metrics(out)
     assert [r["step"] for r in train_rows] == [1] and [r["step"] for r in eval_rows] == [0, 1]
     assert TRAIN_KEYS | ({"value_loss", "explained_variance"} if algo == "ppo" else set()) <= set(train_rows[0])

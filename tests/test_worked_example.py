@@ -10,7 +10,7 @@ import math
 import torch
 
 from gae import compute_gae
-from ppo import clipped_surrogate_loss, ppo_loss, value_loss
+from ppo import clipped_surrogate_loss, policy_diagnostics, ppo_loss, value_loss
 
 REWARDS = [0.0, 0.0, 0.0, 0.0, 0.0, 1.2]
 OLD_LOGP = [-1.20, -0.80, -1.10, -0.90, -1.30, -1.00]
@@ -66,7 +66,8 @@ def test_losses_match_walkthrough_with_clip_active():
     assert round(pg.item(), 4) == -0.4821  # the math; document 000 step 5 prints −0.484
     vl = value_loss(t(VALUES), t(returns)).mean()
     assert abs(vl.item() - v_loss) < 1e-12
-    out = ppo_loss(t(NEW_LOGP), t(OLD_LOGP), t(adv), torch.ones(1, 6), values=t(VALUES), returns=t(returns), eps=EPS)
-    assert abs(out["loss"].item() - (policy_loss + 0.5 * v_loss)) < 1e-12
-    assert round(out["loss"].item(), 4) == -0.3742  # document 000 step 7 prints −0.376 (unclipped)
-    assert abs(out["clipfrac"].item() - 1 / 6) < 1e-12  # exactly token 3 is clipped
+    loss = ppo_loss(pg, vl, torch.tensor(0.0, dtype=torch.float64), vf_coef=0.5, ent_coef=0.0)  # c_v = 0.5, no H
+    assert abs(loss.item() - (policy_loss + 0.5 * v_loss)) < 1e-12
+    assert round(loss.item(), 4) == -0.3742  # document 000 step 7 prints −0.376 (unclipped)
+    diagnostics = policy_diagnostics(t(NEW_LOGP), t(OLD_LOGP), t(adv), torch.ones(1, 6), (EPS, EPS))
+    assert abs(diagnostics["clipfrac"].item() - 1 / 6) < 1e-12  # exactly token 3 is clipped
