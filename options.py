@@ -113,16 +113,17 @@ def resolve_defaults(args: Args, world: int) -> Args:
     rl, embedded_sft = args.algo in ("grpo", "ppo"), args.algo == "sft" and not args.dataset
     per_stage = {"sft": (3e-3, 1e-5, 10), "rm": (1e-4, 1e-5, 25), "grpo": (1e-3, 1e-6, 50), "ppo": (1e-3, 1e-6, 50)}
     tiny_lr, model_lr, eval_every = per_stage[args.algo]
+    unset = lambda value, default: default if value is None else value  # noqa: E731  (0 is a value, not unset)
     args.out = args.out or os.path.join("out", args.algo)
-    args.split = args.split or (embedded_task.SFT_SPLITS[0] if embedded_sft else "train")
-    args.eval_split = args.eval_split or (embedded_task.SFT_SPLITS[1] if embedded_sft else "test")
-    args.lr = args.lr or (tiny_lr if tiny else model_lr)
-    args.critic_lr = args.critic_lr or 5 * args.lr  # verl's defaults give the critic 10x; 5x beat 2x on the tiny task
-    args.eval_every = args.eval_every or eval_every
+    args.split = unset(args.split, embedded_task.SFT_SPLITS[0] if embedded_sft else "train")
+    args.eval_split = unset(args.eval_split, embedded_task.SFT_SPLITS[1] if embedded_sft else "test")
+    args.lr = unset(args.lr, tiny_lr if tiny else model_lr)
+    args.critic_lr = unset(args.critic_lr, 5 * args.lr)  # verl's defaults give the critic 10x; 5x beat 2x here
+    args.eval_every = unset(args.eval_every, eval_every)
     # the tiny policy's entropy collapses without a bonus (PPO stalled at 0.785 once with 0.05); LLMs: verl's 0
-    args.ent_coef = args.ent_coef if args.ent_coef is not None else (0.08 if args.algo == "ppo" else 0.05) * tiny * rl
+    args.ent_coef = unset(args.ent_coef, (0.08 if args.algo == "ppo" else 0.05) * tiny * rl)
     warm_start = embedded_sft or (not args.model and args.algo != "sft")  # the sft stage of the embedded task
-    args.sft_target = args.sft_target if args.sft_target is not None else 0.6 * warm_start
+    args.sft_target = unset(args.sft_target, 0.6 * warm_start)
     # PPO's loss is document 000's token mean E_t; GRPO's is document 001's per-sequence mean
     args.loss_agg = args.loss_agg or ("token-mean" if args.algo == "ppo" else "seq-mean-token-mean")
     batch = args.prompts_per_step * (args.group_size if rl else 1)
@@ -133,8 +134,8 @@ def resolve_defaults(args: Args, world: int) -> Args:
         per_rank = max(1, args.minibatch_size // world)
         divisors = [m for m in range(1, min(8, per_rank) + 1) if per_rank % m == 0]
         args.micro_batch_size = per_rank if tiny else divisors[-1]
-    if args.steps is None:  # --model: sft and rm run one pass over the data, known once it is loaded (build_run)
-        args.steps = 400 if rl else (2000 if args.algo == "sft" else 300) if tiny else -1
+    if args.steps is None and (rl or tiny):  # else (sft, rm with --model): one pass over the data, set by build_run
+        args.steps = 400 if rl else 2000 if args.algo == "sft" else 300
     return args
 
 
@@ -251,7 +252,7 @@ def check_values(args) -> None:
         (args.algo != "ppo" or args.loss_agg == "token-mean",
          f"--loss-agg {args.loss_agg}: PPO's loss is the token mean of document 000 (E_t over every completion "
          "token); the other aggregations are GRPO's"),
-        (args.steps >= 0, f"--steps must be non-negative, not {args.steps}"),
+        (args.steps is None or args.steps >= 0, f"--steps must be non-negative, not {args.steps}"),
         (args.eval_every >= 1, f"--eval-every must be positive, not {args.eval_every}"),
         (args.save_every >= 0, f"--save-every must be non-negative (0 = only at the end), not {args.save_every}"),
         (args.keep_checkpoints >= 1, f"--keep-checkpoints must be positive, not {args.keep_checkpoints}"),

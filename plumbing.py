@@ -131,14 +131,16 @@ def claim_out(out: str, rank: int, check) -> tuple[object, bool]:
             error = UserError(f"--out {out!r} cannot be written: {e.strerror or e}")
         except UserError as e:
             error = e
+        if error is not None and handle is not None:
+            release_out(out, handle, created)
     stop_if_any_rank(error)
     return handle, created
 
 
 def release_out(out: str, handle, created: bool) -> None:
-    """Rank 0 after a run that stopped on bad input: the lock file goes, and --out too when this run created it and
-    left nothing else in it (nothing is written to --out before the inputs have passed their checks)."""
-    if handle is None:
+    """Rank 0, when a run ends: the lock is released; and when the run created --out and stopped on bad input, the
+    lock file goes and --out too if nothing else is in it (nothing is written before the inputs pass their checks)."""
+    if handle is None or handle.closed:
         return
     handle.close()
     if created:

@@ -428,7 +428,7 @@ def build_run(args: Args, rank: int, world: int, device: torch.device) -> Run:
     verifiable = plumbing.verifiable(train_rows)
     if args.algo == "sft":
         train_rows = sft.make_examples(tok, train_rows, args.max_length or context)
-        args.steps = args.steps if args.steps >= 0 else math.ceil(len(train_rows) / args.prompts_per_step)
+        args.steps = math.ceil(len(train_rows) / args.prompts_per_step) if args.steps is None else args.steps
     run = Run(args=args, rank=rank, world=world, device=device, tok=tok, train_rows=train_rows, eval_rows=eval_rows,
               policy=policy, optimizers={}, base_lr={"policy": args.lr, "critic": args.critic_lr},
               reward_fns=plumbing.load_reward_functions(args.reward), verifiable=verifiable,
@@ -487,7 +487,7 @@ def build_reward_model_run(args: Args, rank: int, world: int, device, tok, data:
     context = getattr(model.config, "max_position_embeddings", None)
     args.max_length = args.max_length or context
     train_rows, eval_rows = reward_model.load_pairs(args, tok, data)
-    args.steps = args.steps if args.steps >= 0 else math.ceil(len(train_rows) / args.prompts_per_step)
+    args.steps = math.ceil(len(train_rows) / args.prompts_per_step) if args.steps is None else args.steps
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     run = Run(args=args, rank=rank, world=world, device=device, tok=tok, train_rows=train_rows, eval_rows=eval_rows,
               reward_model=model, optimizers={"reward_model": optimizer}, base_lr={"reward_model": args.lr})
@@ -515,11 +515,11 @@ def run_stage(args: Args, rank: int, world: int, device: torch.device, warm: boo
         plumbing.say(startup_line(run))
         train(run, int(meta["step"]), metrics, reached=bool(meta.get("reached_target")))
     except UserError:
-        if rank == 0:
-            plumbing.release_out(args.out, lock, created)
+        plumbing.release_out(args.out, lock, created)
         raise
     if rank == 0 and args.plot:
         plumbing.plot_curves(args.out)
+    plumbing.release_out(args.out, lock, created=False)
 
 
 def startup_line(run: Run) -> str:
@@ -571,6 +571,7 @@ def main(argv=None) -> int:
         rank, world, device = plumbing.setup_distributed()
         plumbing.watch_launcher()
         transformers.logging.set_verbosity_error()  # its loading report is checked in plumbing.load_full_model
+        transformers.logging.disable_progress_bar()  # "Loading weights", "Writing model shards": one bar is ours
         warm = not args.model and args.algo != "sft"  # rl and rm start from the sft stage's export
         if not args.model:  # recorded in the checkpoints: a resumed run starts from the same model
             args.model = os.path.join(args.out, *(("sft", "hf") if warm else (embedded_task.MODEL_DIR,)))

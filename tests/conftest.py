@@ -17,3 +17,11 @@ def one_process_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+def pytest_configure(config):
+    """One intra-op thread in this process, as torchrun gives each worker: the in-process runs then time and behave
+    the same on a busy machine as on an idle one (two threads spin against the subprocesses the tests start)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

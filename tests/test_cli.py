@@ -1,4 +1,4 @@
-"""What a new user types and sees (issue #13): each test runs the command a user would type — `python train.py ...`
+"""What a new user types and sees: each test runs the command a user would type — `python train.py ...`
 from the repository root (or from their own folder), or train.main in this process for the checks made before
 anything heavy — and checks the line the user reads and the exit code; nothing a user had is lost or changed.
 
@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+import options
 import plumbing
 import train as train_module
 from helpers import copy_base, main_error, ok, one_error
@@ -72,7 +73,7 @@ def test_chat_template_with_the_embedded_character_tokenizer(tmp_path, capsys):
 
 
 def test_chat_template_with_a_local_model_without_one(base, tmp_path):
-    model = shutil.copytree(base / "sft_model", tmp_path / "my_model")
+    model = shutil.copytree(base / "sft" / "hf", tmp_path / "my_model")
     p = run("--out", tmp_path / "out", *TINY, "--model", model, "--chat-template")
     line = one_error(p)
     assert line.startswith(f"error: --chat-template: the tokenizer of {str(model)!r} has no chat template"), line
@@ -142,7 +143,7 @@ def test_reward_module_in_the_working_directory_and_no_evaluation(base, tmp_path
     out = copy_base(base, tmp_path / "out")
     p = ok(run("--out", out, *TINY, "--steps", "1", "--eval-size", "0", "--reward", "mymod:fn", cwd=project,
                script=os.path.join(ROOT, "train.py")))
-    assert "700 train / 0 eval prompts" in p.stdout, p.stdout
+    assert "700 train / 0 eval rows" in p.stdout, p.stdout
     assert [r["step"] for r in metrics(out)] == [1] and eval_rows(out) == [], "--eval-size 0: no evaluation at all"
     assert metrics(out)[0]["reward_mean"] == 0.25, "the reward is mymod.fn from the working directory"
 
@@ -154,8 +155,8 @@ def test_dataset_file_without_evaluation_in_bf16_on_cpu(base, tmp_path):
     data = shutil.copy(base / "embedded_data" / "train.jsonl", tmp_path / "my_data.jsonl")
     out = copy_base(base, tmp_path / "out")
     p = ok(run("--out", out, *TINY, "--steps", "1", "--eval-size", "0", "--dataset", data, "--dtype", "bf16",
-               "--scale-rewards", "no"))
-    assert "train / 0 eval prompts" in p.stdout and "memory ledger (fsdp2_mixed state, per rank)" in p.stdout, p.stdout
+               "--scale-rewards", "no", "--model", out / "sft" / "hf"))  # the warm start was made in fp32
+    assert "train / 0 eval rows" in p.stdout and "dtype bf16" in p.stdout, p.stdout
     with open(out / "memory.json") as f:
         assert json.load(f)["accounting"] == "fsdp2_mixed"
     assert train_steps(out) == [1] and eval_rows(out) == []
@@ -175,7 +176,7 @@ def test_eval_rows_carry_eval_n(base):
     (["--lr", "0.01"], "lr", 0.01),
 ])
 def test_options_parse(argv, field, value):
-    assert getattr(plumbing.parse_args(train_module.Args, argv), field) == value
+    assert getattr(options.parse_args(train_module.Args, argv), field) == value
 
 
 # ======================================================================================================================
@@ -185,7 +186,8 @@ def test_prompt_template_typed_with_backslash_n_is_a_newline(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(10)))
     for typed, expected in ((r"Q: {prompt}\nA:", "Q: 0+1=\nA:"), (r"Q:\t{prompt}\\n", "Q:\t0+1=\\n")):
-        args = plumbing.parse_args(train_module.Args, ["--dataset", str(data), "--eval-size", "0", "--prompt-template", typed])
+        argv = ["--dataset", str(data), "--eval-size", "0", "--prompt-template", typed]
+        args = options.resolve_defaults(options.parse_args(train_module.Args, argv), 1)
         rows, evals = plumbing.load_prompts(args, args.dataset)
         assert rows[0] == (expected, "1") and evals == []
 
@@ -235,10 +237,11 @@ def test_hub_probe_names_an_unreachable_hub_at_once(monkeypatch):
 def test_startup_and_eval_lines_stand_on_their_own_lines(base):
     log = (base.parent / "run.log").read_text()
     shown = screen(log)
-    assert any(line.startswith("grpo | 1 rank(s) on cpu | policy 109,376 params | 700 train / 4 eval prompts | memory "
-                               "ledger (fp32 state, per rank): policy") for line in shown), log
+    assert any(line.startswith("grpo | 1 rank(s) on cpu | policy 109,376 params | 700 train / 4 eval rows | steps 3, "
+                               "lr 0.001, micro-batch 4, dtype auto, c_h 0.05, β 0.0, minibatch 4") for line in shown), log
     evals = [line for line in shown if "eval_accuracy" in line]
-    assert len(evals) == 2 and all(line.startswith("step ") for line in evals), log
+    assert len(evals) == 4 and all(line.startswith("step ") for line in evals), log  # the warm start's 2, then 2
+    assert "Writing model shards" not in log and "Loading weights" not in log  # transformers' own bars are off
     assert "memory per rank" not in log
 
 
@@ -249,9 +252,17 @@ def test_startup_and_eval_lines_stand_on_their_own_lines(base):
     (["--resume", "ture"], "argument --resume: invalid boolean (true/false) value: 'ture'"),
     (["--group-size", "1"], "--group-size must be at least 2 for GRPO"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, not 0"),
-    (["--lr", "0"], "learning rates must be positive (--lr 0.0"),
-    (["--lr=-1e-3"], "learning rates must be positive (--lr -0.001"),
-    (["--algo", "ppo", "--critic-lr", "0"], "--critic-lr 0.0)"),
+    (["--lr", "0"], "--lr must be positive (a learning rate), not 0.0"),
+    (["--lr=-1e-3"], "--lr must be positive (a learning rate), not -0.001"),
+    (["--algo", "ppo", "--critic-lr", "0"], "--critic-lr must be positive (a learning rate), not 0.0"),
+    (["--steps", "-5"], "--steps must be non-negative, not -5"),
+    (["--temperature", "0"], "--temperature must be positive, not 0.0"),
+    (["--eval-size", "-1"], "--eval-size must be non-negative (0 = no evaluation), not -1"),
+    (["--kl-target", "0.1"], "unrecognized arguments: --kl-target 0.1 (--kl-target is now --adaptive-kl-target)"),
+    (["--target-kl", "0.1"], "unrecognized arguments: --target-kl 0.1 (--target-kl is now --early-stop-kl)"),
+    (["--algo", "grpo", "--critic-init", "x"], "--critic-init: only PPO has a critic (--algo grpo)"),
+    (["--reward", "none"], "--reward none leaves no reward: give --reward-model, or verifiable rewards with --reward"),
+    (["--algo", "ppo", "--critic-init", "/nonexistent/rm"], "--critic-init '/nonexistent/rm': no such file or directory"),
     (["--resume"], "--resume: no complete checkpoint in"),
     (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
     (["--model", "/nonexistent/model_dir"], "--model '/nonexistent/model_dir': no such file or directory"),
@@ -259,7 +270,7 @@ def test_startup_and_eval_lines_stand_on_their_own_lines(base):
     (["--reward", "no_such_reward"], "--reward: unknown reward 'no_such_reward'"),
     (["--prompt-template", "Q: {question}"], "--prompt-template 'Q: {question}' has no {prompt}"),
     (["--prompt-template", "{prompt} {x}"], "--prompt-template '{prompt} {x}' is not a format string with only {prompt}"),
-    (["--algo", "sac"], "--algo must be 'grpo' or 'ppo', not 'sac'"),
+    (["--algo", "sac"], "--algo must be 'sft', 'rm', 'grpo' or 'ppo', not 'sac'"),
     (["--loss-agg", "mean"], "--loss-agg must be 'seq-mean-token-mean', 'token-mean' or 'seq-mean-token-sum-norm', not 'mean'"),
     (["--prompt-template", "No placeholder"], "--prompt-template 'No placeholder' has no {prompt}"),
     (["--micro-batch-size", "-1"], "--micro-batch-size -1 must be positive and divide the per-rank minibatch"),
@@ -267,7 +278,7 @@ def test_startup_and_eval_lines_stand_on_their_own_lines(base):
     (["--micro-batch-size", "3"], "--micro-batch-size 3 must be positive and divide the per-rank minibatch (4 sequences"),
     (["--eps-high", "0.1"], "--eps-high 0.1 must be at least --eps 0.2"),
     (["--dual-clip", "0.5"], "--dual-clip 0.5 must be greater than 1"),
-    (["--kl-target", "0.1"], "--kl-target adapts β from its start --beta: give --beta > 0"),
+    (["--adaptive-kl-target", "0.1"], "--adaptive-kl-target adapts β from its start --beta: give --beta > 0"),
     (["--algo", "ppo", "--loss-agg", "seq-mean-token-mean"], "--loss-agg seq-mean-token-mean: PPO's loss is the token mean"),
     (["--model", "./tiny-llama"], "--model './tiny-llama': no such file or directory"),
 ])
@@ -277,15 +288,26 @@ def test_bad_input_is_one_line_exit_2(args, says, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out"), "nothing is created before the arguments are checked"
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--algo", "sft", "--beta", "0.1"], "--beta has no effect with --algo sft (an RL option)"),
+    (["--algo", "rm", "--group-size", "4"], "--group-size has no effect with --algo rm (an RL option)"),
+    (["--algo", "sft", "--reward-model", "x"], "--reward-model has no effect with --algo sft (an RL option)"),
+])
+def test_an_option_the_stage_never_reads_is_refused(args, says, tmp_path, capsys):
+    assert main_error(capsys, "--out", tmp_path / "out", *args) == "error: " + says
+    assert not os.path.exists(tmp_path / "out")
+
+
 # ======================================================================================================================
 # 9. The default minibatch follows the batch on any number of ranks
 # ======================================================================================================================
 def test_default_minibatch_fits_the_batch_on_2_ranks(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node 2 sets; checked before the process group
-    args = plumbing.fill_model_defaults(plumbing.parse_args(train_module.Args, ["--out", str(tmp_path / "a"), "--prompts-per-step", "16"]), 2)
-    plumbing.check_args(args, 2)
+    argv = ["--out", str(tmp_path / "a"), "--prompts-per-step", "16"]
+    args = options.resolve_defaults(options.parse_args(train_module.Args, argv), 2)
+    options.check_args(args, 2)
     assert args.minibatch_size == 128  # 16 × 8: the whole batch
-    big = plumbing.fill_model_defaults(plumbing.parse_args(train_module.Args, ["--prompts-per-step", "96"]), 2)
+    big = options.resolve_defaults(options.parse_args(train_module.Args, ["--prompts-per-step", "96"]), 2)
     assert big.minibatch_size == 256 and (96 * 8) % 256 == 0
     # through main: the checks pass the minibatch and stop at the next bad option (before any process group)
     assert "--max-new-tokens must be at least 1" in main_error(capsys, "--out", tmp_path / "b", "--prompts-per-step", 16,
