@@ -55,11 +55,11 @@ class Args:
     max_new_tokens: int = arg(6, "the most completion tokens per sample (and per greedy evaluation)")
     temperature: float = arg(1.0, "sampling temperature (log-probs are taken under the same tempered policy)")
     mask_truncated: bool = arg(False, "drop completions that hit --max-new-tokens without EOS from the loss")
-    lr: float | None = arg(None, "learning rate (AdamW); unset, tiny model: sft 3e-3, rm 1e-4, RL 1e-3; --model: "
+    lr: float | None = arg(None, "learning rate (AdamW); unset, tiny model: sft 3e-3, rm 1e-3, RL 1e-3; --model: "
                                  "sft 1e-5, rm 1e-5, RL 1e-6")
     critic_lr: float | None = arg(None, "critic learning rate (PPO); unset: 5x --lr (the critic lags: document 004, "
                                         "section 10)")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
+    weight_decay: float | None = arg(None, "AdamW weight decay; unset: 0.1 for rm on the tiny model, else 0")
     max_grad_norm: float = arg(1.0, "gradient clipping (global norm, each trained model apart)")
     lr_schedule: Literal["linear", "constant"] = arg("linear", "linear: decay to 0 at --steps")
     beta: float = arg(0.0, "β, the KL coefficient to the frozen reference at step 1 (0 = no reference is loaded)")
@@ -92,8 +92,8 @@ class Args:
               "seq-mean-token-sum-norm (Dr.GRPO); PPO takes token-mean only")
     scale_rewards: bool = arg(True, "GRPO: divide by the group std (false = Dr.GRPO)")
     steps: int | None = arg(None, "optimizer steps; unset: RL 400; tiny model: sft 2000 (a cap: see --sft-target), rm "
-                                  "300; --model: sft and rm one pass over the data")
-    eval_every: int | None = arg(None, "evaluate every this many steps, and at step 0; unset: sft 10, rm 25, RL 50")
+                                  "1500; --model: sft and rm one pass over the data")
+    eval_every: int | None = arg(None, "evaluate every this many steps, and at step 0; unset: sft 10, rm 100, RL 50")
     save_every: int = arg(100, "checkpoint (and export to OUT/hf) every this many steps; 0 = only at the end")
     keep_checkpoints: int = arg(2, "complete checkpoints kept")
     export: bool = arg(True, "write the trained model as a Hugging Face checkpoint to OUT/hf with each checkpoint")
@@ -111,7 +111,7 @@ def resolve_defaults(args: Args, world: int) -> Args:
     """Fill every option left unset (None) by stage and model, as --help lists them; printed at start-up."""
     tiny = not args.model or embedded_task.is_embedded_model(args.model)
     rl, embedded_sft = args.algo in ("grpo", "ppo"), args.algo == "sft" and not args.dataset
-    per_stage = {"sft": (3e-3, 1e-5, 10), "rm": (1e-4, 1e-5, 25), "grpo": (1e-3, 1e-6, 50), "ppo": (1e-3, 1e-6, 50)}
+    per_stage = {"sft": (3e-3, 1e-5, 10), "rm": (1e-3, 1e-5, 100), "grpo": (1e-3, 1e-6, 50), "ppo": (1e-3, 1e-6, 50)}
     tiny_lr, model_lr, eval_every = per_stage[args.algo]
     unset = lambda value, default: default if value is None else value  # noqa: E731  (0 is a value, not unset)
     args.out = args.out or os.path.join("out", args.algo)
@@ -120,6 +120,7 @@ def resolve_defaults(args: Args, world: int) -> Args:
     args.lr = unset(args.lr, tiny_lr if tiny else model_lr)
     args.critic_lr = unset(args.critic_lr, 5 * args.lr)  # verl's defaults give the critic 10x; 5x beat 2x here
     args.eval_every = unset(args.eval_every, eval_every)
+    args.weight_decay = unset(args.weight_decay, 0.1 if args.algo == "rm" and tiny else 0.0)
     # the tiny policy's entropy collapses without a bonus (PPO stalled at 0.785 once with 0.05); LLMs: verl's 0
     args.ent_coef = unset(args.ent_coef, (0.08 if args.algo == "ppo" else 0.05) * tiny * rl)
     warm_start = embedded_sft or (not args.model and args.algo != "sft")  # the sft stage of the embedded task
@@ -135,7 +136,7 @@ def resolve_defaults(args: Args, world: int) -> Args:
         divisors = [m for m in range(1, min(8, per_rank) + 1) if per_rank % m == 0]
         args.micro_batch_size = per_rank if tiny else divisors[-1]
     if args.steps is None and (rl or tiny):  # else (sft, rm with --model): one pass over the data, set by build_run
-        args.steps = 400 if rl else 2000 if args.algo == "sft" else 300
+        args.steps = 400 if rl else 2000 if args.algo == "sft" else 1500
     return args
 
 

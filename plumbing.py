@@ -517,7 +517,7 @@ def load_full_model(spec: ModelSpec):
                         f"({spec.role.replace('_', ' ')}) it would start with random weights ({what}); give a "
                         + ("causal LM" if "Causal" in auto_class else "reward model (train one with --algo rm)"))
     if new_head:
-        init_head(getattr(model, head), init)
+        init_head(getattr(model, head), init, weight=f"{head}.weight" in new_head)
     if spec.head_affine is not None:
         a, b = spec.head_affine  # head(h) → a·head(h) + b, exactly: w ← a·w, bias ← a·bias + b
         getattr(model, head).weight.data.mul_(a)
@@ -526,10 +526,12 @@ def load_full_model(spec: ModelSpec):
     return model
 
 
-def init_head(head: torch.nn.Linear, init: str) -> None:
-    if init == "zeros":
+def init_head(head: torch.nn.Linear, init: str, weight: bool) -> None:
+    """A new scalar head: its weight when the checkpoint lacks it (zeros, or N(0, 1/(H+1)): the score starts near 0
+    with a spread of about one unit, OpenRLHF's reward-model head); its bias, if it has one, at 0 either way."""
+    if weight and init == "zeros":
         torch.nn.init.zeros_(head.weight)
-    else:  # N(0, 1/(H+1)): the score starts near 0 with a spread of about one unit (OpenRLHF's reward-model head)
+    elif weight:
         torch.nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
     if head.bias is not None:
         torch.nn.init.zeros_(head.bias)

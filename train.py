@@ -198,7 +198,9 @@ def score(run: Run, batch: Rollout, step: int) -> tuple[torch.Tensor, torch.Tens
     plumbing.stop_if_any_rank(problem)
     if run.reward_model is None:
         return total.to(run.device), None
-    rm = rewards_lib.score_with_reward_model(run.reward_model, run.rm_tok, batch.prompts, batch.texts)  # (B,)
+    with sampling.unsharded(run.reward_model):  # its parameters gathered once for the batch, not once per chunk
+        rm = rewards_lib.score_with_reward_model(run.reward_model, run.rm_tok, batch.prompts, batch.texts,
+                                                 batch_size=run.args.micro_batch_size)  # (B,)
     bad = (~torch.isfinite(rm)).nonzero()
     plumbing.stop_if_any_rank(UserError(f"the reward model returned {rm[int(bad[0])].item()} on sample "
                                         f"{first + int(bad[0])} of step {step}") if len(bad) else None)

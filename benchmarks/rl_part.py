@@ -3,17 +3,16 @@
 One RL step is train.rl_step with a clock between its phases (the same calls, on a train.Run built here):
   generate   train.sample: G samples per prompt, T new tokens, parameters gathered once
   reward     train.score: the rule-based reward plus a frozen reward model's forward pass (document 004's fourth model)
-  policy_fwd log π_θold on the batch, micro-batch by micro-batch (train.chunked_logprobs); skipped, as train.rl_step
-             skips it, when the update is on-policy (GRPO, one epoch, one minibatch: train.reuses_first_forward), where
-             log π_θold is the update's own first forward pass
+  policy_fwd log π_θold on the batch, micro-batch by micro-batch (train.token_logprobs)
   ref_fwd    log π_ref on the batch (both algorithms, β > 0)
-  critic_fwd V_φold on the batch (PPO only; train.critic_values)
+  critic_fwd V_φold on the batch (PPO only; train.token_values)
   advantages train.compute_advantages: GAE + whitening (PPO), group statistics (GRPO)
-  update     train.update: epochs × minibatches of clipped-surrogate steps (policy; + critic for PPO)
+  update     epochs × minibatches of train.minibatch_gradients + plumbing.clip_and_step (policy; + critic for PPO)
 Both algorithms are built side by side; each takes 1 warm-up step, untimed, under the memory counter (common.PeakBytes);
 then their `steps` timed steps alternate, GRPO/PPO then PPO/GRPO; each phase reports its fastest step (the median
 and every step's raw times are kept in results.json).
 """
+import dataclasses
 import math
 import os
 import time
@@ -23,7 +22,9 @@ import torch
 import torch.distributed as dist
 
 import memory_ledger
+import options
 import plumbing
+import sampling
 import train
 from benchmarks import common
 
@@ -43,17 +44,19 @@ def make_prompts(n: int, length: int, seed: int) -> list[tuple[str, str]]:
 
 def load_models(algo: str, model_dir: str, mixed: bool, a: train.Args):
     """Policy, reference, critic (PPO), reward model, fp32 and sharded with FSDP2 (plumbing.load_full_model +
-    plumbing.shard); frozen models without gradients. AdamW for the trained ones, as plumbing.setup builds them."""
-    def load(kind: str):
-        return plumbing.shard(plumbing.load_full_model(kind, model_dir, torch.float32), mixed).eval()
+    plumbing.shard); frozen models without gradients. AdamW for the trained ones, as train.build_run makes them. The
+    reward model is the policy's checkpoint with a new score head: only its forward pass's cost is measured."""
+    def load(role: str):
+        spec = plumbing.ModelSpec(role, model_dir, "--model")
+        return plumbing.shard(plumbing.load_full_model(spec), mixed).eval()
 
-    policy = load("causal")
-    ref = load("causal").requires_grad_(False)
+    policy = load("policy")
+    ref = load("reference").requires_grad_(False)
     critic = load("critic") if algo == "ppo" else None
-    rm = load("reward").requires_grad_(False)
-    opts = [torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay)]
+    rm = load("reward_model_init").requires_grad_(False)
+    opts = {"policy": torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay)}
     if critic is not None:
-        opts.append(torch.optim.AdamW(critic.parameters(), lr=a.critic_lr, weight_decay=a.weight_decay))
+        opts["critic"] = torch.optim.AdamW(critic.parameters(), lr=a.critic_lr, weight_decay=a.weight_decay)
     return policy, ref, critic, rm, opts
 
 
@@ -61,32 +64,28 @@ class Run:
     """One algorithm's train.Run for a size; `step(i)` is train.rl_step's body, timed by phase."""
 
     def __init__(self, size: str, algo: str, cfg: dict, rank: int, world: int, device, work_dir: str):
-        from transformers import GenerationConfig
-
         self.size, self.cfg, self.rank, self.world, self.device = size, cfg, rank, world, device
         mixed = device.type == "cuda"
         B = cfg["prompts"] * cfg["group_size"]
         a = train.Args(algo=algo, group_size=cfg["group_size"], prompts_per_step=cfg["prompts"], max_new_tokens=cfg["T"],
                        minibatch_size=B // cfg["minibatches"], epochs=cfg["epochs"], beta=0.04, reward="math", seed=0,
-                       out=work_dir, lr=1e-5, critic_lr=1e-5, ent_coef=0.0)
-        self.a = plumbing.fill_model_defaults(a, world)  # loss_agg, micro-batch = the whole minibatch (embedded default); the values set above win
-        plumbing.check_args(self.a, world)
+                       out=work_dir, lr=1e-5, critic_lr=1e-5, ent_coef=0.0, model="benchmark")
+        self.a = options.resolve_defaults(a, world)  # loss_agg, micro-batch (≤ 8 with a model); the values above win
+        self.a.micro_batch_size = self.a.minibatch_size // world  # the whole per-rank minibatch, as before
+        options.check_args(dataclasses.replace(self.a, model=""), world)
         model_dir = os.path.join(work_dir, f"model_{size}")
         if rank == 0:
             common.save_model(size, model_dir)
         dist.barrier()
         tok = plumbing.load_tokenizer(model_dir)
         self.policy, self.ref, self.critic, self.rm, self.opts = load_models(algo, model_dir, mixed, self.a)
-        rows = plumbing.tokenize_rows(tok, self.a, make_prompts(self.a.prompts_per_step, cfg["P"], seed=0), None)
-        eos = plumbing.eos_token_ids(tok, self.policy.config, None)
-        # as plumbing.setup: nothing of a checkpoint's own sampling settings reaches generate()
-        self.policy.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
-        self.run = train.Run(self.a, rank, world, device, tok=tok, policy=self.policy, ref=self.ref, critic=self.critic,
-                             reward_model=self.rm, rm_tok=tok, reward_fns=plumbing.load_reward_functions(self.a.reward),
-                             optimizers=self.opts, train_rows=rows, eval_rows=[], eos_ids=eos, hf_generation_config=None,
-                             sample_config=plumbing.neutral_generation_config(self.a.max_new_tokens, self.a.temperature, eos, tok.pad_token_id),
-                             greedy_config=plumbing.neutral_generation_config(self.a.max_new_tokens, None, eos, tok.pad_token_id),
-                             beta=self.a.beta)
+        rows = plumbing.tokenize_prompts(tok, self.a, make_prompts(self.a.prompts_per_step, cfg["P"], seed=0), None)
+        self.run = train.Run(args=self.a, rank=rank, world=world, device=device, tok=tok, train_rows=rows, eval_rows=[],
+                             optimizers=self.opts, base_lr={"policy": self.a.lr, "critic": self.a.critic_lr},
+                             policy=self.policy, ref=self.ref, critic=self.critic, reward_model=self.rm, rm_tok=tok,
+                             reward_fns=plumbing.load_reward_functions(self.a.reward),
+                             sampler=sampling.make_sampler(self.policy, tok, self.a.max_new_tokens, self.a.temperature,
+                                                           None), beta=self.a.beta)
         self.trained = {n: m for n, m in (("policy", self.policy), ("critic", self.critic)) if m is not None}
         self.accounting = "fsdp2_mixed" if mixed else "fp32"
         self.measured_state, self.timed, self.peak = None, [], None
@@ -106,21 +105,21 @@ class Run:
         mine = run.train_rows[self.rank * per_rank : (self.rank + 1) * per_rank]
         batch = train.sample(run, mine, repeat=a.group_size)  # B = prompts × G
         lap("generate")
-        batch.scores = train.score(run, batch, step)  # (B,)
+        batch.scores, _ = train.score(run, batch, step)  # (B,)
         lap("reward")
         with torch.no_grad():
-            if not train.reuses_first_forward(a):
-                batch.old_logprobs = train.chunked_logprobs(run, run.policy, batch)  # (B, T)
+            batch.old_logprobs = train.token_logprobs(run, run.policy, batch)  # (B, T)
             lap("policy_fwd")
-            batch.ref_logprobs = train.chunked_logprobs(run, run.ref, batch)  # (B, T)
+            batch.ref_logprobs = train.token_logprobs(run, run.ref, batch)  # (B, T)
             lap("ref_fwd")
             if run.critic is not None:
-                batch.old_values = torch.cat([train.critic_values(run.critic, p.input_ids, p.attention_mask, p.n_prompt)
-                                              for p in batch.split(a.micro_batch_size or len(batch))])  # (B, T)
+                batch.old_values = train.token_values(run, batch)  # (B, T)
             lap("critic_fwd")
         batch.advantages, batch.returns = train.compute_advantages(run, batch)
         lap("advantages")
-        train.update(run, batch, step)
+        for rows in train.minibatch_order(run, len(batch), step):  # step 5 of train.rl_step, without its early stop
+            train.minibatch_gradients(run, batch.select(rows))
+            plumbing.clip_and_step(run.trained(), a.max_grad_norm)
         lap("update")
         n_completion = plumbing.all_reduce(batch.completion_mask.sum()).item()  # completion tokens, all ranks
         return clock | {"completion_tokens": n_completion, "positions": batch.input_ids.numel() * world,
@@ -129,16 +128,17 @@ class Run:
     def warm_up(self) -> None:
         """Step 0, untimed, under the memory counter. Bytes live at its start: every model's parameters and buffers;
         gradients and AdamW state are created inside it. A one-shot hook on the last optimizer to step (the critic's for
-        PPO; train.Run.optimizer_step steps them in order) reads the trained state after the first optimizer step, before
-        train.update's zero_grad frees the gradients."""
-        live = common.state_tensors([self.policy, self.ref, self.critic, self.rm], self.opts)
+        PPO; plumbing.clip_and_step steps them in order, then zeroes every gradient) reads the trained state after the
+        first optimizer step, before the gradients are freed."""
+        live = common.state_tensors([self.policy, self.ref, self.critic, self.rm], list(self.opts.values()))
         self.base = common.storage_bytes([t for kind in live.values() for t in kind])
 
         def probe(*_):
             handle.remove()
-            self.measured_state = sum(memory_ledger.measure_state_bytes(m, o)["total"] for m, o in zip(self.trained.values(), self.opts))
+            self.measured_state = sum(memory_ledger.measure_state_bytes(self.trained[n], o)["total"]
+                                      for n, o in self.opts.items())
 
-        handle = self.opts[-1].register_step_post_hook(probe)
+        handle = list(self.opts.values())[-1].register_step_post_hook(probe)
         with common.PeakBytes(self.device, self.base) as peak:
             self.step(0)
         self.peak = peak.peak

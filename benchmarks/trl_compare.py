@@ -4,14 +4,14 @@ settings, over several seeds.
 Run from the repository root with the project's virtualenv; the TRL side runs in a virtualenv of its own (TRL is never
 a requirement of the project):
 
-    python3 -m venv /work/trl_venv && /work/trl_venv/bin/pip install -r benchmarks/trl_requirements.txt
+    python3 -m venv .trl-venv && .trl-venv/bin/pip install -r benchmarks/trl_requirements.txt
     python benchmarks/trl_compare.py                        # seeds 0-4, 300 steps per side (~10 min on 2 idle cores)
     python benchmarks/trl_compare.py --seeds 0,1,2 --steps 300
     python benchmarks/trl_compare.py --quick                # smoke test: seed 0, 10 steps per side
 
 What happens, in order:
- 1. `train.py --steps 0` builds the embedded task once (embedded_data/{train,test}.jsonl, "a+b=" prompts) and the tiny
-    SFT-warmed Llama (sft_model/): both sides start from this one saved checkpoint and read these files.
+ 1. `train.py --algo sft` builds the embedded task once (embedded_data/{train,test}.jsonl, "a+b=" prompts) and the tiny
+    SFT-warmed Llama (hf/): both sides start from this one saved checkpoint and read these files.
  2. The SFT model's greedy accuracy on the test prompts (the start accuracy, the same for both sides).
  3. A loss check (--check-loss, on by default, ~15 s): one TRL rollout batch, the policy moved off the reference;
     TRL's loss and gradient against ours on that very batch (run_check_side). They agree to ~2e-4 relative, the
@@ -46,7 +46,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TRL_PYTHON = "/work/trl_venv/bin/python"
+DEFAULT_TRL_PYTHON = os.path.join(REPO, ".trl-venv", "bin", "python")  # a virtualenv in the checkout
 
 # The settings both sides run with (the issue's list); flag names of train.py and field names of GRPOConfig below.
 SETTINGS = dict(prompts_per_step=16, group_size=8, beta=0.04, lr=3e-4, max_new_tokens=4, temperature=1.0, eps=0.2,
@@ -272,7 +272,7 @@ def run_trl_side(args) -> None:
 
 def run_check_side(args) -> None:
     """Same batch, same weights, both losses: TRL's GRPOTrainer._compute_loss against this project's loss pieces
-    (train.sequence_logprobs, grpo.group_advantages, ppo.clipped_surrogate_loss, grpo.grpo_loss), gradient against
+    (logprobs.sequence_logprobs, grpo.group_advantages, ppo.clipped_surrogate_loss, grpo.grpo_loss), gradient against
     gradient. The policy is first moved off the reference (fixed noise), so that the β·KL term and its gradient are
     not zero. Run once with trl_config() and once with TRL's default use_bias_correction_kl=True, to show what
     equalising that field changes. Writes OUT/loss_check.json."""
@@ -285,9 +285,9 @@ def run_check_side(args) -> None:
 
     sys.path.insert(0, REPO)
     import grpo
+    import logprobs as logprobs_lib
     import ppo
     import rewards
-    import train
 
     s, G = SETTINGS, SETTINGS["group_size"]
     rows = read_jsonl(os.path.join(args.data, "train.jsonl"))
@@ -328,12 +328,12 @@ def run_check_side(args) -> None:
         texts = tok.batch_decode(inputs["completion_ids"], skip_special_tokens=True)
         scores = torch.tensor([rewards.math_reward(t, b["answer"]) for t, b in zip(texts, batch)])  # (B,)
         adv = grpo.group_advantages(scores.view(-1, G), scale=True).reshape(-1)  # (B,)
-        logprobs, _ = train.sequence_logprobs(policy, ids, attention, P, s["temperature"])  # (B, T)
+        logprobs, _ = logprobs_lib.sequence_logprobs(policy, ids, attention, P, s["temperature"])  # (B, T)
         with torch.no_grad():
-            ref_logprobs, _ = train.sequence_logprobs(trainer.ref_model, ids, attention, P, s["temperature"])
+            ref_logprobs, _ = logprobs_lib.sequence_logprobs(trainer.ref_model, ids, attention, P, s["temperature"])
         pg = ppo.clipped_surrogate_loss(logprobs, logprobs.detach(), adv[:, None], eps=s["eps"])  # on-policy: ρ = 1
-        ours = grpo.grpo_loss(pg, logprobs, ref_logprobs, mask, beta=s["beta"], kl_estimator="k3", loss_agg="token-mean",
-                              max_len=s["max_new_tokens"], num_sequences=len(batch), num_tokens=mask.sum().item())
+        ours = grpo.grpo_loss(pg, grpo.kl_k3(logprobs, ref_logprobs), mask, beta=s["beta"], loss_agg="token-mean",
+                              max_len=s["max_new_tokens"])
         ours["loss"].backward()
         grad_ours = flat_grad(policy).clone()
         result[f"use_bias_correction_kl={bias_correction}"] = {
@@ -354,7 +354,7 @@ def run_check_side(args) -> None:
 def check_pythons(args) -> None:
     """One clear line and exit 2 when the TRL virtualenv is missing or has no trl; before anything heavy."""
     req = os.path.relpath(os.path.join(REPO, "benchmarks", "trl_requirements.txt"))
-    how = (f"create it with `python3 -m venv /work/trl_venv && /work/trl_venv/bin/pip install -r {req}` "
+    how = (f"create it with `python3 -m venv .trl-venv && .trl-venv/bin/pip install -r {req}` "
            "or pass --trl-python PATH")
     if not (os.path.isfile(args.trl_python) and os.access(args.trl_python, os.X_OK)):
         sys.exit(print(f"error: no TRL virtualenv Python at {args.trl_python}: {how}", file=sys.stderr) or 2)
@@ -399,15 +399,15 @@ def run_logged(cmd: list[str], log_path: str, threads: int, fatal: bool = True) 
 
 
 def build_sft(args, work: str) -> tuple[str, str]:
-    """train.py --steps 0: the embedded data set and the SFT-warmed tiny model, as train.py itself builds them."""
+    """train.py --algo sft: the embedded data set and the SFT-warmed tiny model, as the warm start builds them."""
     out = os.path.join(work, "sft")
-    model_dir, data_dir = os.path.join(out, "sft_model"), os.path.join(out, "embedded_data")
+    model_dir, data_dir = os.path.join(out, "hf"), os.path.join(out, "embedded_data")
     if not (args.reuse_sft and os.path.isdir(model_dir) and os.path.isfile(os.path.join(data_dir, "test.jsonl"))):
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
-        print(f"building the SFT model and data with train.py --steps 0 (seed {args.sft_seed}) in {out}", flush=True)
-        run_logged([args.ours_python, os.path.join(REPO, "train.py"), "--steps", "0", "--out", out, "--eval-size", "0",
+        print(f"building the SFT model and data with train.py --algo sft (seed {args.sft_seed}) in {out}", flush=True)
+        run_logged([args.ours_python, os.path.join(REPO, "train.py"), "--algo", "sft", "--out", out,
                     "--plot", "false", "--seed", str(args.sft_seed)], os.path.join(work, "sft.log"), args.threads)
     else:
         print(f"reusing the SFT model and data in {out} (--reuse-sft)", flush=True)
@@ -437,7 +437,7 @@ def run_side(side: str, seed: int, args, model_dir: str, data_dir: str, work: st
     row = {"seed": seed, "side": side, **step_stats(raw["step_times_s"], args.skip_steps), "final_accuracy": acc,
            "phases_median_ms": {k: 1e3 * statistics.median(v[args.skip_steps:] or v) for k, v in raw["phases_s"].items()},
            "train_reward_last_10pct": statistics.fmean(raw["reward_mean"][-tail:]) if raw["reward_mean"] else None,
-           "process_wall_s": wall, "out": out, "raw": raw}
+           "process_wall_s": wall, "out": os.path.relpath(out, REPO), "raw": raw}
     print(f"{side:>4} seed {seed}: median step {row['median_ms']:.1f} ms, mean {row['mean_ms']:.1f} ms, "
           f"final greedy accuracy {acc:.3f}", flush=True)
     return row
@@ -535,7 +535,7 @@ def orchestrate(args) -> int:
     if args.check_loss:
         out = os.path.join(work, "loss_check")
         os.makedirs(out, exist_ok=True)
-        # not fatal: it uses train.sequence_logprobs and TRL internals, either of which may change under it
+        # not fatal: it uses logprobs.sequence_logprobs and TRL internals, either of which may change under it
         ok = run_logged([args.trl_python, os.path.abspath(__file__), "--side", "check", "--model", model_dir, "--data",
                          data_dir, "--out", out, "--threads", str(args.threads)], os.path.join(work, "loss_check.log"),
                         args.threads, fatal=False)
@@ -576,7 +576,8 @@ def orchestrate(args) -> int:
         "seeds": seeds, "skip_steps": args.skip_steps, "threads": args.threads, "start_accuracy": start_acc,
         "n_test": len(read_jsonl(test_path)), "versions": trl_raw["versions"], "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "loadavg_start": start_load, "loadavg_end": loadavg(),
-        "runtime_s": time.time() - t0, "work_dir": work, "sft_model": model_dir, "data": data_dir,
+        "runtime_s": time.time() - t0, "work_dir": os.path.relpath(work, REPO),
+        "sft_model": os.path.relpath(model_dir, REPO), "data": os.path.relpath(data_dir, REPO),
         "ours_flags": ours_command("python", "SFT_MODEL", "DATA", "OUT", 0, args.steps)[2:],
         "trl_config": trl_raw["config_set"], "trl_config_effective": trl_raw["config_effective"],
         "trl_optimizer": trl_raw["optimizer"], "loss_check": loss_check, "summary": summarize(runs),
@@ -614,7 +615,7 @@ def main(argv=None) -> int:
     p.add_argument("--results-dir", default=os.path.join(REPO, "benchmarks", "results"))
     p.add_argument("--reuse-sft", action="store_true", help="reuse WORK/sft from an earlier run instead of building "
                    "it again (train.py's warm start may have changed since)")
-    p.add_argument("--sft-seed", type=int, default=0, help="seed of train.py --steps 0 (data split and SFT model)")
+    p.add_argument("--sft-seed", type=int, default=0, help="seed of train.py --algo sft (the SFT model)")
     p.add_argument("--check-loss", type=strict_bool, default=True,
                    help="first compare both losses and gradients on one batch (default true; false to skip)")
     # internal: the TRL side, run by the comparison under --trl-python

@@ -67,8 +67,9 @@ def make_run(args, policy, critic, optimizers: dict, device=torch.device("cpu"),
                      critic=critic, optimizers=optimizers, beta=args.beta, **(base | fields))
 
 
-def load(role: str, model_dir: str, **kw):
-    return plumbing.load_model(plumbing.ModelSpec(role, model_dir, "--model", **kw), torch.device("cpu"), False)[0]
+def load(role: str, model_dir: str, device=torch.device("cpu"), **kw):
+    mixed = device.type == "cuda"  # as train.py: bf16 mixed precision on a GPU
+    return plumbing.load_model(plumbing.ModelSpec(role, model_dir, "--model", **kw), device, mixed)[0]
 
 
 def fixed_step(run, batch: dict, lo: int, hi: int) -> dict:
@@ -144,7 +145,7 @@ def run_generate(model_dir: str, out_dir: str) -> None:
     calls dist.all_gather_single; the others are counted too so that a change of entry point cannot hide calls)."""
     from torch.distributed.fsdp import FSDPModule
 
-    rank, device = dist.get_rank(), torch.device("cpu")
+    rank = dist.get_rank()
     tok = plumbing.load_tokenizer(model_dir)
     policy = load("policy", model_dir)
     n_fsdp_modules = sum(isinstance(m, FSDPModule) for m in policy.modules())
@@ -184,20 +185,22 @@ def count(calls: list) -> dict:
 
 def run_collectives(model_dir: str, out_dir: str) -> None:
     """One PPO and one GRPO step of train.rl_step (rewards, reference, critic, whitening, metrics: every collective
-    path), every torch.distributed collective recorded with the devices of its tensors and its caller."""
+    path), every torch.distributed collective recorded with the devices of its tensors and its caller. On a GPU
+    (benchmarks/gpu_check.py, one NCCL rank) the models are on cuda:0, in bf16 mixed precision."""
     world = dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     seen = {}
     for algo in ("grpo", "ppo"):
         args = options.resolve_defaults(train.Args(algo=algo, model=model_dir, prompts_per_step=2, group_size=2,
                                                    max_new_tokens=4, beta=0.04, out=out_dir), world)
         tok = plumbing.load_tokenizer(model_dir)
-        policy, ref = load("policy", model_dir), load("reference", model_dir)
-        critic = load("critic", model_dir) if algo == "ppo" else None
+        policy, ref = load("policy", model_dir, device), load("reference", model_dir, device)
+        critic = load("critic", model_dir, device) if algo == "ppo" else None
         opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in (("policy", policy), ("critic", critic))
                 if m is not None}
         rows = [plumbing.PromptRow(text=p, answer=str(eval(p[:-1])), ids=tok(p)["input_ids"])
                 for p in ("1+2=", "3+4=", "5+6=", "7+8=")]
-        run = make_run(args, policy, critic, opts, tok=tok, ref=ref, train_rows=rows,
+        run = make_run(args, policy, critic, opts, device=device, tok=tok, ref=ref, train_rows=rows,
                        reward_fns=plumbing.load_reward_functions("math"),
                        sampler=sampling.make_sampler(policy, tok, 4, 1.0, None))
         calls = []

@@ -24,3 +24,11 @@ def nan_on_third(completion: str, answer: str) -> float:
 def inf_on_rank_1(completion: str, answer: str) -> float:
     """Finite on rank 0, +inf on every sample of rank 1."""
     return float("inf") if os.environ.get("RANK") == "1" else 0.0
+
+
+def length_slow(completion: str, answer: str) -> float:
+    """`length`, a quarter of a second later: a run that lives long enough to be looked at (and killed) mid-way."""
+    import time
+
+    time.sleep(0.25)
+    return length(completion, answer)

@@ -117,3 +117,27 @@ def test_padded_bytes_by_hand():
     # (5, 3) over 2 ranks: c = 3 rows → 9 elements allocated on each rank; rank 1 holds 2 real rows (6 elements)
     got = ledger_part.padded_bytes(shapes=[(5, 3)], world_size=2, rank=1)
     assert got == {"params": 36, "grads": 36, "optimizer": 2 * 6 * 4 + 4, "total": 36 + 36 + 52}
+
+
+def test_gpu_check_smoke_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py --smoke: the script a GPU loan runs, on CPU with a tiny Qwen2 config (the real 151,936
+    vocabulary and tokenizer), gloo, one step of each run: every run exits 0, reports its phases, MFU and the ledger's
+    prediction, sampling matches the scored policy (fp32), and every collective's tensors are on the group's device."""
+    import os
+
+    p = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, timeout=600,
+                       env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+                       | {"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert results["environment"]["missing"] is None and results["environment"]["torch"]
+    assert [r["name"] for r in results["runs"]] == ["grpo", "grpo_checkpointing", "ppo"]
+    for r in results["runs"]:
+        assert r["exit"] == 0 and r["steps"] == 1 and r["update_flops"] > 0 and r["ledger_predicted_gib"] > 0, r
+        assert r["rollout_logprob_diff"] < 1e-3 and r["time_update_s"] > 0
+    assert results["runs"][2]["ledger_terms_gib"]["trainable_state"] == 2 * results["runs"][0]["ledger_terms_gib"][
+        "trainable_state"]  # PPO trains the critic too
+    for algo in ("grpo", "ppo"):
+        assert results["collectives"][algo]["all_on_group_device"], results["collectives"]
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")

@@ -169,6 +169,56 @@ def rank_1_raises(out) -> dict:
     return {"p": p, "stopped_after_s": seconds_since_last_row(out)}  # the last row: step 1's
 
 
+def worker_pids(out) -> list[int]:
+    """Processes whose command line holds this run's --out: the torchrun agent and its workers."""
+    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in ps.splitlines() if str(out) in line and "ps -eo" not in line]
+
+
+def wait_for(predicate, timeout: float) -> float:
+    """Seconds until predicate() holds (polling every 0.2 s), or inf after `timeout`."""
+    start = time.time()
+    while time.time() - start < timeout:
+        if predicate():
+            return time.time() - start
+        time.sleep(0.2)
+    return float("inf")
+
+
+def agent_killed_then_resume(out) -> dict:
+    """`setsid torchrun --nproc_per_node 2 train.py ...` as a user starts it, then `kill -9 -- -PGID` of torchrun's
+    process group once checkpoint 2 is committed: torch starts each worker in a session of its own, so the kill
+    reaches the agent only. Every worker must then stop by itself (plumbing.watch_launcher); then --resume."""
+    args = [*TINY, "--steps", STEPS, "--reward", "_fault_rewards:length_slow"]
+    agent = subprocess.Popen(command(["--out", out, *args], 2), cwd=ROOT, env=ENV, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    committed = wait_for(lambda: os.path.exists(os.path.join(out, "checkpoints", "step_000002", "meta.json")), 300)
+    workers = [p for p in worker_pids(out) if p != agent.pid]
+    os.killpg(agent.pid, signal.SIGKILL)
+    agent.wait()
+    gone_after_s = wait_for(lambda: not worker_pids(out), 60)
+    for pid in worker_pids(out):  # leave nothing behind whatever the test concludes
+        os.kill(pid, signal.SIGKILL)
+    return {"committed_after_s": committed, "workers": workers, "gone_after_s": gone_after_s,
+            "resume": train(out, *args, "--resume", nproc=2)}
+
+
+def second_run_into_a_live_out(out) -> dict:
+    """Run A (slow) into --out; while it is alive, a second run into the same --out, fresh and with --resume."""
+    args = [*TINY, "--steps", STEPS, "--reward", "_fault_rewards:length_slow"]
+    first = subprocess.Popen(command(["--out", out, *args]), cwd=ROOT, env=ENV, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(out, "checkpoints", "step_000001", "meta.json")), 300)
+        fresh, resumed = train(out, *args), train(out, *args, "--resume")
+        alive = first.poll() is None
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    return {"pid": first.pid, "fresh": fresh, "resumed": resumed, "alive_meanwhile": alive,
+            "after": train(out, *args, "--resume")}
+
+
 @pytest.fixture(scope="module")
 def runs(base, tmp_path_factory) -> dict:
     """name → (out, result) for every run of train.py the tests look at, two at a time. The hang guards time only
@@ -186,6 +236,8 @@ def runs(base, tmp_path_factory) -> dict:
         (no_pad / name).write_text(json.dumps(cfg))
     jobs = {  # name: arguments after TINY and keywords of train(), or a function of --out; the longest first
         "full_2ranks": (["--steps", STEPS], {"nproc": 2}),
+        "agent_killed_then_resume": agent_killed_then_resume,
+        "second_run_into_a_live_out": second_run_into_a_live_out,
         "sigkill_then_resume_2ranks": lambda out: sigkill_then_resume(out, nproc=2),
         "sigkill_then_resume": sigkill_then_resume,
         "kill_in_save_then_resume": kill_in_save_then_resume,
@@ -312,6 +364,30 @@ def test_exact_resume_after_sigkill(nproc, base, runs):
     assert seen["steps_logged"] == [1, 2], "killed before step 3 wrote anything"
     ok(seen["resume"])
     assert rows(out) == rows(reference), f"resumed from {seen['resumed_from']}"
+
+
+def test_workers_stop_when_torchrun_is_killed_and_resume_is_exact(runs):
+    """kill -9 of torchrun's process group: both workers are gone within 30 s (they poll their parent and stop); a
+    --resume then continues from the newest complete checkpoint to the same rows, bit for bit, as the run that was
+    never interrupted (timings aside)."""
+    out, seen = runs["agent_killed_then_resume"]
+    reference, p = runs["full_2ranks"]
+    ok(p)
+    assert seen["committed_after_s"] < 300 and len(seen["workers"]) == 2, seen
+    assert seen["gone_after_s"] < 30, f"workers still running {seen['gone_after_s']} s after torchrun was killed"
+    ok(seen["resume"])
+    assert rows(out) == rows(reference)
+    assert not [d for d in checkpoints(out) if d.endswith(".partial")]
+
+
+def test_a_second_run_into_a_live_out_is_refused_with_the_holders_pid(runs):
+    out, seen = runs["second_run_into_a_live_out"]
+    assert seen["alive_meanwhile"], "the first run ended before the second was tried: nothing was tested"
+    for p in (seen["fresh"], seen["resumed"]):
+        line = one_error(p)
+        assert line == (f"error: --out {str(out)!r} is in use by another run (pid {seen['pid']} on "
+                        f"{socket.gethostname()}): wait for it to end, or choose another --out"), line
+    ok(seen["after"])  # once the first is gone (kill -9: the kernel drops its lock), --resume goes on
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint(base, runs):

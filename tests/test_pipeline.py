@@ -1,0 +1,255 @@
+"""The pipeline of document 004: `--algo sft` → `--algo rm` → PPO against the learned reward model, its critic started
+from it. The preference-data conventions, the critic-from-reward-model identity, the metric names the README lists,
+the loading checks, and the whole pipeline, tiny, on 2 ranks through torchrun.
+
+Expected values come from computations written here: each text scored alone by the reward model (backbone, then its
+head applied by hand at the last position), the critic's head output read at the same place, hand-tokenised pairs.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import embedded_task
+import plumbing
+import reward_model
+import rewards
+from helpers import free_port, save_tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {
+    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    "TRAIN_COLLECTIVE_TIMEOUT_S": "120"}
+
+
+def torchrun(*args, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master-port", str(free_port())]
+    return subprocess.run([sys.executable, *(launcher if nproc > 1 else []), "train.py", *map(str, args)], cwd=REPO,
+                          env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl") if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------- preference data
+
+def test_pair_texts_follow_trls_conventions():
+    """With a prompt column the texts are prompt + response; without one the shared prefix is the prompt; a
+    conversation's prompt goes through the chat template with the assistant's turn opened, its response is the last
+    message's content (and the conversations must agree before it)."""
+    tok = embedded_task.make_char_tokenizer()
+    tok.chat_template = "{% for m in messages %}#{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    assert reward_model.pair_texts(tok, "1+2=", "3", "4", "d", 0) == ("1+2=", "3", "4")
+    assert reward_model.pair_texts(tok, None, "1+2=3", "1+2=45", "d", 0) == ("1+2=", "3", "45")
+    user = [{"role": "user", "content": "1+2"}]
+    chosen, rejected = user + [{"role": "assistant", "content": "3"}], user + [{"role": "assistant", "content": "4"}]
+    assert reward_model.pair_texts(tok, None, chosen, rejected, "d", 0) == ("#1+2=", "3", "4")
+    assert reward_model.pair_texts(tok, user, chosen[-1:], rejected[-1:], "d", 0) == ("#1+2=", "3", "4")
+    other = [{"role": "user", "content": "9+9"}, {"role": "assistant", "content": "4"}]
+    with pytest.raises(plumbing.UserError, match="differ before their last message"):
+        reward_model.pair_texts(tok, None, chosen, other, "d", 7)
+
+
+def test_pairs_are_tokenised_as_scored_and_long_ones_dropped(capsys, one_process_group):
+    """Each side is rewards.reward_model_ids(prompt, response): prompt + response + EOS; the margin column is read;
+    a pair over --max-length tokens is dropped and the run says how many."""
+    import datasets
+
+    tok = embedded_task.make_char_tokenizer()
+    ds = datasets.Dataset.from_list([{"prompt": "1+2=", "chosen": "3", "rejected": "4", "margin": 0.5},
+                                     {"prompt": "10+20=", "chosen": "30", "rejected": "31111111", "margin": 1.0}])
+    pairs = reward_model.tokenize_pairs(ds, tok, SimpleNamespace(max_length=9), "d")
+    assert len(pairs) == 1 and "dropped 1 of 2 pairs longer than --max-length 9 tokens" in capsys.readouterr().out
+    assert pairs[0].chosen == tok("1+2=3")["input_ids"] + [tok.eos_token_id] and pairs[0].margin == 0.5
+
+
+def test_bradley_terry_and_pair_accuracy_by_hand_on_a_few_pairs():
+    """Three pairs with scores written out: L = mean log(1 + e^{−(r_c − r_r − m)}), accuracy = share with r_c > r_r."""
+    c, r, m = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 0.5, -1.0]), torch.tensor([0.0, 0.0, 0.5])
+    hand = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(0.5)) + math.log(1 + math.exp(0.5))) / 3
+    assert rewards.bradley_terry_loss(c, r, m).item() == pytest.approx(hand, rel=1e-6)
+    assert rewards.preference_accuracy(c, r).item() == pytest.approx(1 / 3)  # the tie (−1, −1) counts as wrong
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny causal LM, and a reward model made from it (its score head set by hand, mean and std in its config)."""
+    from transformers import AutoModelForSequenceClassification
+
+    root = tmp_path_factory.mktemp("models")
+    lm = save_tiny_llama(root / "lm")
+    rm = AutoModelForSequenceClassification.from_pretrained(lm, num_labels=1)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(rm.score.weight, std=0.5)
+    rm.config.update({"reward_mean": 0.3, "reward_std": 2.0})
+    rm.save_pretrained(root / "rm")
+    embedded_task.make_char_tokenizer().save_pretrained(root / "rm")
+    return root, lm, str(root / "rm")
+
+
+def test_critic_from_the_reward_model_is_the_reward_at_step_0(models, one_process_group):
+    """--critic-init RM: the critic (a token classifier) carries over the backbone and the score head, and with the
+    reward model's stored mean and std its head computes w·(r − mean)/std: at the last real token, the critic's output
+    equals the reward the run trains on, (r_φ(x, y) − 0.3)/2 × --reward-model-weight 1.5, r_φ computed here from the
+    reward model alone (backbone, then its head by hand)."""
+    from transformers import AutoModelForSequenceClassification
+
+    _, _, rm_path = models
+    spec = plumbing.ModelSpec("critic", rm_path, "--critic-init", head_affine=(1.5 / 2.0, -1.5 * 0.3 / 2.0))
+    critic = plumbing.load_model(spec, torch.device("cpu"), False)[0]
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_path).eval()
+    tok = plumbing.load_tokenizer(rm_path)
+    for prompt, completion in (("12+7=", "19"), ("3+4=", "8"), ("29+29=", "58")):
+        ids = torch.tensor([rewards.reward_model_ids(tok, prompt, completion)])
+        with torch.no_grad():
+            r = rm.score(rm.model(input_ids=ids).last_hidden_state[0, -1]).item()
+            v = critic(input_ids=ids).logits[0, -1, 0].item()
+        assert abs(r) > 0.05 and math.isclose(v, 1.5 * (r - 0.3) / 2.0, rel_tol=1e-5, abs_tol=1e-6), (prompt, r, v)
+    assert critic.score.weight.abs().sum() > 0  # carried over, not zeroed
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--algo", "grpo", "--reward-model", "{lm}"], "--reward-model '{lm}' is a LlamaForCausalLM checkpoint: loaded as "
+     "LlamaForSequenceClassification (reward model) it would start with random weights (score.weight)"),
+    (["--algo", "grpo", "--model", "{rm}"], "--model '{rm}' is a LlamaForSequenceClassification checkpoint: loaded as "
+     "LlamaForCausalLM (policy) it would start with random weights (lm_head.weight)"),
+    (["--algo", "ppo", "--critic-init", "{notamodel}"], "--critic-init '{notamodel}': cannot load it as "
+     "AutoModelForTokenClassification"),
+    (["--algo", "rm", "--model", "{notok}"], "--model '{notok}' has no tokenizer"),
+])
+def test_a_model_of_the_wrong_kind_is_refused_by_name(models, flags, says, tmp_path, capsys):
+    root, lm, rm = models
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "notes.txt").write_text("not a checkpoint")
+    notok = tmp_path / "notok"
+    notok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (notok / f).write_bytes((Path(lm) / f).read_bytes())
+    paths = {"lm": lm, "rm": rm, "notamodel": tmp_path / "notamodel", "notok": notok}
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(20)))
+    argv = [f.format(**paths) for f in flags]
+    base = ["--model", lm] if "--model" not in argv else []
+    if "rm" in argv:
+        line = run_error(capsys, "--out", tmp_path / "out", *argv, "--steps", 1)
+    else:
+        line = run_error(capsys, "--out", tmp_path / "out", "--dataset", data, "--steps", 1, "--prompts-per-step", 2,
+                         "--group-size", 2, "--eval-size", 0, *base, *argv)
+    assert says.format(**paths) in line, line
+    assert not (tmp_path / "out").exists(), "nothing is left in --out by a run refused on its input"
+
+
+def run_error(capsys, *argv) -> str:
+    """train.main in this process (a one-process group), for a run refused after the process group is up: exit 2
+    and exactly one `error:` line, no traceback."""
+    import torch.distributed as dist
+
+    import train
+
+    try:
+        code = train.main([str(a) for a in argv])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
+
+
+def test_preference_file_without_chosen_or_with_identical_pairs(tmp_path, models, capsys):
+    _, lm, _ = models
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "1+1=", "good": "2", "bad": "3"}) + "\n")
+    assert "has no column 'chosen'" in run_error(capsys, "--algo", "rm", "--model", lm, "--dataset", bad, "--out",
+                                                 tmp_path / "o1")
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": "5", "rejected": "5" if i == 3 else "6"}) + "\n"
+                            for i in range(10)))
+    line = run_error(capsys, "--algo", "rm", "--model", lm, "--dataset", same, "--out", tmp_path / "o2")
+    assert "1 pairs have the same chosen and rejected text (rows 3)" in line
+
+
+# ---------------------------------------------------------------------------------------------------- the pipeline
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The README's three commands, tiny (a few steps each), on 2 ranks."""
+    root = tmp_path_factory.mktemp("pipeline")
+    sft, rm, ppo = root / "sft", root / "rm", root / "ppo-rm"
+    runs = {"sft": torchrun("--algo", "sft", "--out", sft, "--steps", 20, "--sft-target", 0, "--eval-size", 16)}
+    runs["rm"] = torchrun("--algo", "rm", "--model", sft / "hf", "--out", rm, "--steps", 10, "--eval-every", 5,
+                          "--eval-size", 40, "--prompts-per-step", 16)
+    runs["ppo"] = torchrun("--algo", "ppo", "--model", sft / "hf", "--reward", "none", "--reward-model", rm / "hf",
+                           "--critic-init", rm / "hf", "--out", ppo, "--steps", 2, "--prompts-per-step", 4,
+                           "--group-size", 4, "--eval-size", 16, "--eval-every", 1, "--beta", 0.02)
+    for name, p in runs.items():
+        assert p.returncode == 0, f"{name}: exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return SimpleNamespace(sft=sft, rm=rm, ppo=ppo, runs=runs)
+
+
+def test_each_stage_logs_the_metric_names_the_readme_lists(pipeline):
+    train_rows = lambda out, key: [r for r in metrics(out) if key in r]  # noqa: E731
+    sft_rows = train_rows(pipeline.sft, "loss")
+    assert [r["step"] for r in sft_rows] == list(range(1, 21))
+    assert all({"loss", "token_accuracy"} <= set(r) and 0 <= r["token_accuracy"] <= 1 for r in sft_rows)
+    assert [r["step"] for r in train_rows(pipeline.sft, "eval_accuracy")] == [0, 10, 20]
+    rm_rows = train_rows(pipeline.rm, "pair_accuracy")
+    assert [r["step"] for r in rm_rows] == list(range(1, 11))
+    assert all({"loss", "pair_accuracy", "margin", "chosen_reward_mean", "rejected_reward_mean"} <= set(r)
+               for r in rm_rows)
+    assert all(math.isclose(r["margin"], r["chosen_reward_mean"] - r["rejected_reward_mean"], abs_tol=1e-5)
+               for r in rm_rows)
+    evals = train_rows(pipeline.rm, "eval_pair_accuracy")
+    assert [r["step"] for r in evals] == [0, 5, 10] and all(r["eval_n"] == 40 for r in evals)
+    ppo_rows = train_rows(pipeline.ppo, "reward_mean")
+    assert [r["step"] for r in ppo_rows] == [1, 2]
+    for r in ppo_rows:  # the proxy reward (standardised learned score) and the gold (the checker), side by side
+        assert 0 <= r["gold_reward_mean"] <= 1 and r["reward_mean"] is not None and r["kl"] >= 0
+    assert [r["step"] for r in train_rows(pipeline.ppo, "eval_accuracy")] == [0, 1, 2]
+    for out in (pipeline.sft, pipeline.rm, pipeline.ppo):
+        assert (out / "hf" / "config.json").exists() and (out / "metrics.jsonl").exists()
+
+
+def test_the_reward_model_export_loads_as_it_is_and_stores_its_scale(pipeline):
+    """OUT/hf of --algo rm is a sequence classifier that from_pretrained loads with nothing missing; its config holds
+    the mean and std of its scores on the held-out pairs, equal to the last evaluation's."""
+    from transformers import AutoModelForSequenceClassification
+
+    model, info = AutoModelForSequenceClassification.from_pretrained(pipeline.rm / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and model.config.architectures == ["LlamaForSequenceClassification"]
+    last = [r for r in metrics(pipeline.rm) if "eval_pair_accuracy" in r][-1]
+    assert math.isclose(model.config.reward_mean, last["eval_reward_mean"], rel_tol=1e-9)
+    assert math.isclose(model.config.reward_std, last["eval_reward_std"], rel_tol=1e-9)
+    comparisons = pipeline.rm / "embedded_data" / "comparisons"
+    train_pairs = [json.loads(line) for line in open(comparisons / "train.jsonl")]
+    test_pairs = [json.loads(line) for line in open(comparisons / "test.jsonl")]
+    assert not {p["prompt"] for p in train_pairs} & {p["prompt"] for p in test_pairs}, "held out by prompt"
+    for p in train_pairs[:50]:  # the checker prefers the right answer: chosen is a+b, rejected is not
+        a, b = map(int, p["prompt"].rstrip("=").split("+"))
+        assert rewards.math_reward(p["chosen"], str(a + b)) == 1.0 and rewards.math_reward(p["rejected"], str(a + b)) == 0.0
+
+
+def test_four_model_memory_reports_the_frozen_models(pipeline):
+    """PPO with a reference and a reward model: memory.json has the frozen models' measured bytes beside the
+    ledger's prediction (fp32 on CPU: 4 bytes per parameter of each rank's shard), and they agree."""
+    memory = json.loads((pipeline.ppo / "memory.json").read_text())
+    assert set(memory["frozen_measured_bytes"]) == {"ref", "reward_model"}
+    assert memory["frozen_measured_bytes"] == memory["frozen_predicted_bytes"] and memory["frozen_bytes_per_param"] == 4
+    assert memory["predicted_bytes"] == memory["measured_bytes"]
+
+
+def test_start_up_line_shows_the_resolved_settings(pipeline):
+    out = pipeline.runs["ppo"].stdout
+    assert "ppo | 2 rank(s) on cpu | policy 109,376 params, critic" in out
+    assert "lr 0.001, micro-batch 8, dtype auto, c_h 0.08, β 0.02, minibatch 16, critic lr 0.005" in out
+    assert "reward-model scale (" in out  # the stored (mean, std) the score is standardised with
