@@ -62,7 +62,9 @@ class Args:
     weight_decay: float | None = arg(None, "AdamW weight decay; unset: 0.1 for rm on the tiny model, else 0")
     max_grad_norm: float = arg(1.0, "gradient clipping (global norm, each trained model apart)")
     lr_schedule: Literal["linear", "constant"] = arg("linear", "linear: decay to 0 at --steps")
-    beta: float = arg(0.0, "β, the KL coefficient to the frozen reference at step 1 (0 = no reference is loaded)")
+    beta: float | None = arg(None, "β, the KL coefficient to the frozen reference at step 1 (0 = no reference is "
+                                   "loaded); unset: 0.05 with --reward-model on the tiny model, 0.02 (InstructGPT's) "
+                                   "with --reward-model and --model, else 0")
     kl_estimator: Literal["k3", "k2"] = arg("k3", "GRPO's KL term: k3 (document 001; gradient of KL(ref‖θ)) or k2 "
                                                   "(gradient of KL(θ‖ref))")
     adaptive_kl_target: float = arg(0.0, "move β each step to keep the logged kl near this (Ziegler et al. 2019); 0 = "
@@ -121,6 +123,8 @@ def resolve_defaults(args: Args, world: int) -> Args:
     args.critic_lr = unset(args.critic_lr, 5 * args.lr)  # verl's defaults give the critic 10x; 5x beat 2x here
     args.eval_every = unset(args.eval_every, eval_every)
     args.weight_decay = unset(args.weight_decay, 0.1 if args.algo == "rm" and tiny else 0.0)
+    # a learned reward is there to be exploited: the KL anchor is document 004's "main defense" against reward hacking
+    args.beta = unset(args.beta, (0.05 if tiny else 0.02) if args.reward_model else 0.0)
     # the tiny policy's entropy collapses without a bonus (PPO stalled at 0.785 once with 0.05); LLMs: verl's 0
     args.ent_coef = unset(args.ent_coef, (0.08 if args.algo == "ppo" else 0.05) * tiny * rl)
     warm_start = embedded_sft or (not args.model and args.algo != "sft")  # the sft stage of the embedded task
@@ -198,7 +202,6 @@ def check_args(args, world_size: int) -> None:
     Each message names the one value that is wrong."""
     check_batch_shapes(args, world_size)
     check_values(args)
-    check_stage_options(args)
     if args.reward != "none" or args.algo not in ("sft", "rm"):
         load_reward_functions(args.reward)  # names and weights
     for flag, name in (("--model", args.model), ("--reward-model", args.reward_model), ("--dataset", args.dataset),
@@ -288,11 +291,11 @@ RL_ONLY = ("group_size", "temperature", "mask_truncated", "reward_model", "rewar
 
 
 def check_stage_options(args) -> None:
-    """Refuse an option the stage never reads (e.g. --beta with --algo sft), and a critic option without PPO."""
+    """Before the defaults are filled: refuse an option the stage never reads (e.g. --beta with --algo sft), and a
+    critic option without PPO."""
     given = {f.name for f in dataclasses.fields(args) if getattr(args, f.name) != f.default}
     if args.algo in ("sft", "rm"):
-        resolved = ("minibatch_size", "loss_agg", "ent_coef", "critic_lr")  # filled for every stage by the defaults
-        ignored = [n for n in RL_ONLY if n in given and n not in resolved]
+        ignored = [n for n in RL_ONLY if n in given]
         if ignored:
             raise UserError(f"--{ignored[0].replace('_', '-')} has no effect with --algo {args.algo} (an RL option)")
     if args.algo != "ppo" and args.critic_init != "policy":

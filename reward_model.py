@@ -21,8 +21,8 @@ which --reward-model standardises the score.
 
 | symbol       | variable         | shape | meaning                                         |
 |--------------|------------------|-------|-------------------------------------------------|
-| r_φ(x, y_c)  | chosen_rewards   | (b,)  | score of prompt + chosen response + EOS          |
-| r_φ(x, y_r)  | rejected_rewards | (b,)  | score of prompt + rejected response + EOS        |
+| r_φ(x, y_c)  | chosen_rewards   | (b,)  | score of prompt + chosen response, at its last token  |
+| r_φ(x, y_r)  | rejected_rewards | (b,)  | score of prompt + rejected response, at its last token |
 | m            | margin           | (b,)  | per-pair margin (0 without a `margin` column)    |
 """
 
@@ -46,7 +46,7 @@ ROUNDS = 8  # the embedded comparisons: each prompt is sampled twice this many t
 class Pair(NamedTuple):
     """One comparison, tokenised once."""
 
-    chosen: list[int]  # rewards.reward_model_ids(prompt, chosen response)
+    chosen: list[int]  # rewards.reward_model_ids(prompt, chosen response): the tokens of prompt + response
     rejected: list[int]  # rewards.reward_model_ids(prompt, rejected response)
     margin: float  # 0.0 without a `margin` column
 

@@ -243,12 +243,16 @@ def pad_batch(sequences: Sequence[Sequence[int]], *, pad_id: int, padding_side: 
 
 
 def reward_model_ids(tokenizer, prompt: str, response: str) -> list[int]:
-    """The token ids a reward model scores: prompt + response, then EOS, so that the score is read where the response
-    ended (004: "the last token position of the response (the EOS token)"). Special tokens (a BOS) are added unless
-    the text already begins with one (a chat template writes its own). Training and scoring both use this."""
+    """The token ids a reward model scores, in training and in RL alike: prompt + response, read at its last token.
+
+    Document 004 reads the score at "the last token position of the response (the EOS token)", and TRL appends an
+    EOS to plain text. Here nothing is appended: an SFT model predicts EOS but never reads one as input, so at an
+    appended EOS its hidden state starts untrained. Measured on the embedded task (same comparisons, same steps):
+    held-out pair accuracy 0.835 with an EOS appended, 0.945 without (README, "The pipeline"). Special tokens (a
+    BOS) are added unless the text already begins with one (a chat template writes its own)."""
     text = prompt + response
     special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
-    return tokenizer(text, add_special_tokens=special)["input_ids"] + [tokenizer.eos_token_id]
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
 def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

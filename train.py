@@ -416,6 +416,7 @@ def save(run: Run, step: int, reached: bool) -> None:
 def build_run(args: Args, rank: int, world: int, device: torch.device) -> Run:
     """The tokenizer, the data and the models of args.algo (sharded), their optimizers, the sampler."""
     mixed = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+    torch.manual_seed(args.seed)  # what starts at random (a new scalar head) starts the same in every run of --seed
     from_nothing = args.model == os.path.join(args.out, embedded_task.MODEL_DIR)  # an sft stage of the tiny model
     tok = None if from_nothing else plumbing.load_tokenizer(args.model, "--model", args.chat_template)  # checked first
     data = embedded_task.prepare(args.out, args.seed, from_nothing) if from_nothing or not args.dataset else None
@@ -568,7 +569,9 @@ def main(argv=None) -> int:
     rank, code = int(os.environ.get("RANK", 0)), 2
     try:
         world = int(os.environ.get("WORLD_SIZE", 1))
-        args = options.resolve_defaults(options.parse_args(Args, argv), world)
+        args = options.parse_args(Args, argv)
+        options.check_stage_options(args)  # what the user typed, before the defaults fill the rest
+        args = options.resolve_defaults(args, world)
         options.check_args(args, world)  # before anything is loaded or written
         rank, world, device = plumbing.setup_distributed()
         plumbing.watch_launcher()

@@ -58,16 +58,16 @@ def test_pair_texts_follow_trls_conventions():
 
 
 def test_pairs_are_tokenised_as_scored_and_long_ones_dropped(capsys, one_process_group):
-    """Each side is rewards.reward_model_ids(prompt, response): prompt + response + EOS; the margin column is read;
-    a pair over --max-length tokens is dropped and the run says how many."""
+    """Each side is rewards.reward_model_ids(prompt, response): the tokens of prompt + response; the margin column is
+    read; a pair over --max-length tokens is dropped and the run says how many."""
     import datasets
 
     tok = embedded_task.make_char_tokenizer()
     ds = datasets.Dataset.from_list([{"prompt": "1+2=", "chosen": "3", "rejected": "4", "margin": 0.5},
                                      {"prompt": "10+20=", "chosen": "30", "rejected": "31111111", "margin": 1.0}])
-    pairs = reward_model.tokenize_pairs(ds, tok, SimpleNamespace(max_length=9), "d")
-    assert len(pairs) == 1 and "dropped 1 of 2 pairs longer than --max-length 9 tokens" in capsys.readouterr().out
-    assert pairs[0].chosen == tok("1+2=3")["input_ids"] + [tok.eos_token_id] and pairs[0].margin == 0.5
+    pairs = reward_model.tokenize_pairs(ds, tok, SimpleNamespace(max_length=8), "d")
+    assert len(pairs) == 1 and "dropped 1 of 2 pairs longer than --max-length 8 tokens" in capsys.readouterr().out
+    assert pairs[0].chosen == tok("1+2=3")["input_ids"] and pairs[0].margin == 0.5
 
 
 def test_bradley_terry_and_pair_accuracy_by_hand_on_a_few_pairs():

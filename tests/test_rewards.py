@@ -301,9 +301,9 @@ def saved_reward_model(tmp_path_factory):
 
 
 def _score_alone(model, tokenizer, prompt, completion):
-    """Independent reference: one unpadded row (prompt + completion + EOS) through the backbone, then the head applied
-    by hand to the hidden state of its last position: no padding, no pooling, no hook."""
-    ids = tokenizer(prompt + completion)["input_ids"] + [tokenizer.eos_token_id]
+    """Independent reference: one unpadded row (prompt + completion) through the backbone, then the head applied by
+    hand to the hidden state of its last position: no padding, no pooling, no hook."""
+    ids = tokenizer(prompt + completion)["input_ids"]
     with torch.no_grad():
         hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state  # (1, L, H)
         return model.score(hidden[0, -1]).item()
@@ -339,21 +339,23 @@ def test_score_with_reward_model_matches_unbatched(saved_reward_model):
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_eos_as_pad_is_still_scored_at_the_eos(saved_reward_model):
-    """The tokenizer has no pad token, so EOS pads (the usual fallback). transformers' own pooling takes the rightmost
-    token that is not pad, so it skips the EOS every text ends with and scores the token before it (transformers
-    #35352); the score here is read at the EOS itself, as it is when scored alone."""
+def test_eos_as_pad_is_still_scored_at_the_last_real_token(saved_reward_model):
+    """The tokenizer has no pad token, so EOS pads (the usual fallback), and a text that ends with the EOS string is
+    scored there: transformers' own pooling takes the rightmost token that is not pad, so it would skip that EOS and
+    score the token before it (transformers #35352); the score here is read at the last real token, as when the row
+    is scored alone."""
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(saved_reward_model, pad_token_id=None).eval()
     tokenizer = _tiny_tokenizer(with_pad=False)
     assert tokenizer.pad_token_id is None and model.config.pad_token_id is None
-    expected = torch.tensor([_score_alone(model, tokenizer, p, c) for p, c in TEXTS])
-    scores = score_with_reward_model(model, tokenizer, [p for p, _ in TEXTS], [c for _, c in TEXTS], batch_size=2)
+    texts = [(p, c + tokenizer.eos_token) for p, c in TEXTS]  # responses that end with the EOS token
+    expected = torch.tensor([_score_alone(model, tokenizer, p, c) for p, c in texts])
+    scores = score_with_reward_model(model, tokenizer, [p for p, _ in texts], [c for _, c in texts], batch_size=2)
     assert model.config.pad_token_id == tokenizer.eos_token_id  # eos stands in as pad
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # what the pad-id pooling reads: the token before the EOS, another number
-        ids = torch.tensor([reward_model_ids(tokenizer, *TEXTS[0])])
+        ids = torch.tensor([reward_model_ids(tokenizer, *texts[0])])
         pooled = model(input_ids=ids).logits[0, 0].item()
-    assert abs(pooled - expected[0].item()) > 1e-3
+    assert ids[0, -1] == tokenizer.eos_token_id and abs(pooled - expected[0].item()) > 1e-3
     assert score_with_reward_model(model, tokenizer, [], []).shape == (0,)
