@@ -1,33 +1,19 @@
-"""GRPO: group-relative advantages, the KL estimators k1/k2/k3 and their gradients, the GRPO loss and its aggregations.
+"""GRPO: group-relative advantages, the KL estimators k1/k2/k3, the GRPO loss and its aggregations.
 
-Implements document 001 ("GRPO — drop the critic": "The algorithm in two lines", "Why the group mean is a valid
-baseline", "Why divide by std?", "The loss in code"), document 004 ("8. GRPO: Dropping the Critic") and document 002
-("KL Regularization and Trust Regions").
+Implements document 001 ("GRPO — drop the critic"), sections "The algorithm in two lines", "Why the group mean is a
+valid baseline", "Why divide by std?" and "The loss in code"; document 004 ("PPO & GRPO for LLM Alignment"), "8. GRPO:
+Dropping the Critic"; document 002 ("GRPO vs. PPO for LLM RL"), "KL Regularization and Trust Regions".
 
-    A_i  = (R_i − mean_j R_j) / (std_j R_j + ε)     group-relative advantage, broadcast to every token of rollout i
+    A_i  = (R_i − mean_j R_j) / (std_j R_j + ε_std)   group-relative advantage, broadcast to every token of rollout i
     A_i  =  R_i − mean_j R_j                         Dr.GRPO (Liu et al. 2025): no std division (scale=False)
-    ℓ_t  = ℓ^CLIP_t + β·k_t,   ℓ^CLIP_t = −min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i)   (ppo.clipped_surrogate_loss)
+    ℓ_t  = ℓ^CLIP_t + β·k_t,   ℓ^CLIP_t = −min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε_high) A_i)   (ppo.clipped_surrogate_loss)
     k1_t = log π_θ − log π_ref;   k2_t = ½ (log π_θ − log π_ref)²;   k3_t = π_ref/π_θ − log(π_ref/π_θ) − 1
 
 std is Bessel-corrected (divides by G − 1): document 001's code calls `rewards.std()`, torch's default. A group whose
-rewards are all equal has std 0 and gets A = 0/(0 + ε) = 0 exactly (see group_advantages): no signal, never NaN.
-
-Gradients of the KL estimators (Schulman 2020; exact enumeration in tests/test_grpo.py::test_kl_gradients_*). With
-the samples a ∼ π_θ held fixed and the gradient taken through log π_θ(a) only:
-    E_{a∼π_θ}[∇k1] = E[∇log π_θ(a)] = 0                        k1 in the loss does nothing in expectation
-    E_{a∼π_θ}[∇k2] = ∇KL(π_θ ‖ π_ref)                           the direction the loss claims
-    E_{a∼π_θ}[∇k3] = −Σ_a π_ref(a)∇log π_θ(a) = ∇KL(π_ref ‖ π_θ)   the other direction
-Off-policy (samples from π_θold ≠ π_θ, i.e. every minibatch after the first when epochs > 1 or several minibatches)
-the KL term's gradient estimates ∇_θ E_{a∼π_θold}[k(a; θ)], equal to the on-policy one only at θ = θold; weighting
-each token by ρ = π_θ/π_θold (detached) would recover it: E_{π_θold}[ρ·∇k] = E_{π_θ}[∇k].
-
-On the baseline (document 001, "Why the group mean is a valid baseline"): the text says the group mean depends only
-on the prompt x. It does not: mean_j R_j contains R_i, the sample's own reward. Exact enumeration
-(tests/test_grpo.py::test_baseline_by_exact_enumeration) shows, with R_i − mean_j R_j = (1 − 1/G)(R_i − mean_{j≠i} R_j),
-    E[∇log π(y_i)·(R_i − mean_j R_j)] = (1 − 1/G)·∇J
-so the mean-centred estimator is the true gradient shrunk by (G−1)/G: same direction, biased in scale, and exactly
-unbiased if the sample is left out of its own baseline (RLOO). Dividing by the group std is not a positive constant
-either: it changes the expected direction (Dr.GRPO's point).
+rewards are all equal has std 0 and gets A = 0/(0 + ε_std) = 0 exactly (see group_advantages): no signal, never NaN.
+What each estimator's gradient estimates (k3's is ∇KL(π_ref ‖ π_θ), the other direction from the one the loss names),
+and why the group mean is not a baseline "that depends only on x" as document 001 says: README.md, "Derivations"
+and "Errata in the documents"; tests/test_grpo.py checks both by exact enumeration.
 
 Shapes: P prompts, G completions per prompt, B = P·G sequences, T completion tokens.
 
@@ -43,7 +29,7 @@ Shapes: P prompts, G completions per prompt, B = P·G sequences, T completion to
 | ℓ^CLIP_t    | pg_loss       | (B, T) | per-token clipped surrogate from ppo.clipped_surrogate_loss      |
 | k_t         | kl            | (B, T) | per-token KL estimate (k1, k2 or k3)                             |
 | m_t         | mask          | (B, T) | 1 for completion tokens                                          |
-| ε           | eps           | scalar | guard in the std division (1e-6, document 001's code)            |
+| ε_std       | eps           | scalar | guard in the std division (1e-6, document 001's code); not ε the clip range |
 | β           | beta          | scalar | KL coefficient                                                   |
 | L_max       | max_len       | scalar | Dr.GRPO's constant normaliser (e.g. max new tokens)              |
 """
@@ -65,13 +51,14 @@ def _shifted(rewards: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.T
 def group_advantages(
     rewards: torch.Tensor, eps: float = 1e-6, scale: bool = True, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """A = (R − mean)/(std + ε) over each row of a (P, G) reward matrix; scale=False is Dr.GRPO's R − mean.
+    """A = (R − mean)/(std + ε_std) over each row of a (P, G) reward matrix; scale=False is Dr.GRPO's R − mean.
 
     valid: optional (P, G) bool; invalid members get A = 0 and are left out of their group's mean and std.
     Exact zeros: the statistics are computed in float64 on R_i − R_first, so a group whose valid rewards are all
-    equal has differences, mean and std of exactly 0 and A = 0/(0 + ε) = 0 whatever the value and dtype (a float32
-    mean of eight 1.2s is inexact, and its ~1e-7 std is not hidden by ε = 1e-6). A group with fewer than 2 valid
-    members gets A = 0. The result is returned in rewards' dtype; degenerate_groups names the groups with A ≡ 0.
+    equal has differences, mean and std of exactly 0 and A = 0/(0 + ε_std) = 0 whatever the value and dtype (a
+    float32 mean of eight 1.2s is inexact, and its ~1e-7 std is not hidden by ε_std = 1e-6). A group with fewer than
+    2 valid members gets A = 0. The result is returned in rewards' dtype; degenerate_groups names the groups with
+    A ≡ 0.
     """
     if scale and rewards.shape[-1] < 2:
         raise ValueError("group_advantages: the group std needs G >= 2 completions per prompt")
@@ -82,7 +69,7 @@ def group_advantages(
     if not scale:
         return centred.to(rewards.dtype)  # (P, G)
     std = ((centred**2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()  # (P, 1) Bessel-corrected
-    # A_i = (R_i − mean(R)) / (std(R) + ε), 0 when fewer than 2 members are valid
+    # A_i = (R_i − mean(R)) / (std(R) + ε_std), 0 when fewer than 2 members are valid
     adv = torch.where(n >= 2, centred / (std + eps), torch.zeros_like(centred))  # (P, G)
     return adv.to(rewards.dtype)  # (P, G)
 

@@ -1,17 +1,15 @@
 """Memory ledger for PPO vs GRPO: bytes per row, predicted and measured, written like nanoGPT's `estimate_mfu`.
 
-Sources (cite by file and section heading of /work/shared/docs):
-  000_cff973ed54bda35e.txt  "Visualizing the Critic Bottleneck"  trained model = 16 B/param, mixed-precision AdamW
-                            (2 fp16 weights + 2 fp16 grads + 4 fp32 master + 4 Adam m + 4 Adam v); frozen = 2 B/param
-  000_cff973ed54bda35e.txt  "At Massive Scale: The 70B PPO Memory Bill"  the 70B table: 140 GB per fp16 copy, 980 GB of
-                            AdamW state per trained model (14 B/param), activations ~120 GB, NCCL + framework ~80 GB
-  004_298a17a18589e462.txt  "Why this is expensive", "Memory comparison"  four models in PPO (policy, reference, reward
-                            model, critic), three in GRPO
-  001_994c999ea292f19a.txt  "What's wrong with PPO at scale"  the critic roughly doubles training memory
-  Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", Sec. 4: activation estimate.
+Implements document 000 ("The Critic Bottleneck in PPO"), sections "Visualizing the Critic Bottleneck" (a trained
+model costs 16 B/param with mixed-precision AdamW: 2 fp16 weights + 2 fp16 grads + 4 fp32 master + 4 Adam m + 4 Adam
+v; a frozen one 2 B/param) and "At Massive Scale: The 70B PPO Memory Bill" (140 GB per fp16 copy, 980 GB of AdamW
+state per trained model, activations ~120 GB, NCCL + framework ~80 GB); document 004 ("PPO & GRPO for LLM
+Alignment"), "Why this is expensive" and "Memory comparison" (four models in PPO: policy, reference, reward model,
+critic; three in GRPO); document 001 ("GRPO — drop the critic"), "What's wrong with PPO at scale". Activations:
+Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", Sec. 4.
 
 Accounting (bytes; GB here means decimal 1e9 bytes, as in the documents):
-  M_train(N)  = N·(β_w + β_g + β_master + β_m + β_v) + 4·n_T      β's from TRAINABLE_BYTES_PER_PARAM; sum = 16 always
+  M_train(N)  = N·(b_w + b_g + b_master + b_m + b_v) + 4·n_T      b's from TRAINABLE_BYTES_PER_PARAM; sum = 16 always
   M_frozen(N) = 2·N
   M_PPO  = M_train(policy) + M_train(critic) + M_frozen(reference) + M_frozen(reward model) + M_act + M_overhead
   M_GRPO = M_PPO − M_train(critic)
@@ -21,25 +19,15 @@ Accounting (bytes; GB here means decimal 1e9 bytes, as in the documents):
 | Symbol     | variable                 | meaning                                                          |
 |------------|--------------------------|------------------------------------------------------------------|
 | N          | n_params                 | parameters of one model (policy = critic = reference = RM here) |
+| b_x        | TRAINABLE_BYTES_PER_PARAM | bytes per parameter of row x (weights, grads, master, m, v)     |
 | n_T        | n_tensors                | parameter tensors; AdamW keeps one fp32 `step` scalar per tensor |
 | W, r       | world_size, rank         | FSDP ranks, this rank                                            |
 | d_0        | shape[0]                 | first dimension of a parameter (FSDP2 shards along it)           |
 | s, b, h    | seq_len, batch, hidden   | tokens per sequence, sequences, hidden size                      |
 | a, L       | heads, n_layers          | attention heads, transformer layers                              |
 
-What the arithmetic says where the prose says otherwise (the math decides; pinned in tests/test_memory_ledger.py):
-  * 000 "Visualizing the Critic Bottleneck" says the critic with its optimizer state costs *more* than the policy. The
-    ledger gives exactly the same 16 B/param to both (1120 GB each at 70B, 41.2 % of the PPO total): equal, not more
-    (the policy carries optimizer state too; a scalar head even makes the real critic slightly smaller).
-  * 000 "~40 %" saving: 1120 / 2720 = 41.2 % with its activation and overhead rows; 1120 / 2520 = 44.4 % on model
-    state alone; 50 % of the trainable state only. Its GRPO total keeps the full 120 GB activation row, although the
-    same chapter ("PyTorch: The Real PPO Loss") says the critic doubles activation memory; halving that row gives
-    1540 GB, a 43.4 % saving.
-  * 003 "≈50 %" is the trainable-state saving only; the total falls 41-44 %. "Halves the parameter count" is 4N → 3N.
-  * 004 "~4x vs ~3x policy size" counts parameters (7B → 28B vs 21B). In bytes PPO is 16+16+2+2 = 36 B/param against
-    GRPO 16+2+2 = 20 B/param: ratio 1.8, not 4/3; PPO = 2.25x the policy's own 16 B/param, not 4x.
-  * 001 "~2x vs ~1x the policy": trainable state is exactly 2x (32 vs 16 B/param); with reference and reward model
-    36 / 20 = 1.8x; with 000's activation/overhead rows 2720 / 1600 = 1.7x.
+Where the documents' prose and their own arithmetic disagree (the critic "costs more" than the policy; the ~40%,
+≈50%, ~4x-vs-~3x and ~2x-vs-~1x savings): README.md, "Errata in the documents"; tests/test_memory_ledger.py pins them.
 """
 import math
 

@@ -334,7 +334,7 @@ def check_resume(args) -> None:
 
 def experiment_changes(saved: dict, args) -> list[str]:
     """"--seed 0 → 1" for each option of RESUME_REFUSED that differs between a checkpoint's arguments and `args`. A
-    path inside --out (the warm start's OUT/sft/hf) is compared relative to its --out, so a moved --out still resumes."""
+    path inside --out (the warm start's OUT/sft/hf) is compared relative to its --out: a moved --out still resumes."""
     def value(options: dict, k: str):
         v, out = options.get(k), options.get("out") or ""
         inside = isinstance(v, str) and out and os.path.abspath(v).startswith(os.path.abspath(out) + os.sep)

@@ -1,23 +1,20 @@
-"""Rewards: verifiable math/format rewards for GRPO, and the Bradley–Terry reward model for PPO.
+"""Rewards: verifiable math and format rewards, and the Bradley–Terry reward model (its loss and how it scores).
 
-Sources (cite by file and heading, see /work/shared/docs/README.md):
-  - 004_298a17a18589e462.txt, "4. The Reward Model": a scalar head on an LM, read at the last token of the
-    response, trained on (chosen, rejected) pairs with the Bradley–Terry model; frozen during RL.
-  - 004_298a17a18589e462.txt, "Rule-based rewards vs learned reward models": for verifiable tasks, skip the
-    learned model and score with rules.
-  - 001_994c999ea292f19a.txt, "What's wrong with PPO at scale": a verifier returns 1 at the end, 0 otherwise.
-  - 003_23b2e24e232e55d5.txt, "Group Sampling and Relative Reward Baseline Estimation": R1-style rewards are
-    binary, for answer accuracy and for format compliance.
-The documents name the format reward but do not spell it out; the `<think>…</think><answer>…</answer>` layout
-is the DeepSeek-R1 convention. The text of 004 lost its two display equations; the ones below are the standard
-Bradley–Terry forms that its prose describes ("a sigmoid applied to the score difference", "negative log-likelihood").
+Implements document 004 ("PPO & GRPO for LLM Alignment"), sections "4. The Reward Model" (a scalar head on an LM,
+trained on (chosen, rejected) pairs with the Bradley–Terry model, frozen during RL) and "Rule-based rewards vs learned
+reward models" (for verifiable tasks, score with rules); document 001 ("GRPO — drop the critic"), "What's wrong with
+PPO at scale" (a verifier returns 1 at the end, 0 otherwise); document 003 ("GRPO vs PPO: Eliminating the Critic
+Model"), "Group Sampling and Relative Reward Baseline Estimation" (binary rewards for accuracy and for format). The
+documents name the format reward without spelling it out: `<think>…</think><answer>…</answer>` is DeepSeek-R1's
+convention. Document 004 lost its two display equations; the ones below are the standard Bradley–Terry forms that
+its prose describes (README, "Errata in the documents").
 
 Equations
   R_acc(y, y*)  = 1[ parse(extract(y)) ≈ parse(extract(y*)) ]          numeric equality within a tolerance
   R_fmt(y)      = 1[ y = <think>…</think> <answer>…</answer> ]          whitespace allowed around the blocks
   R(y, y*)      = Σ_k w_k R_k(y, y*)                                    spec "math=1.0,format=0.2"
   P(y_c ≻ y_r | x) = σ(r_φ(x, y_c) − r_φ(x, y_r)),   σ(z) = 1 / (1 + e^{−z})
-  L_RM(φ)       = −E_{(x, y_c, y_r)} [ log σ(r_φ(x, y_c) − r_φ(x, y_r)) ]
+  L_RM(φ)       = −E_{(x, y_c, y_r)} [ log σ(r_φ(x, y_c) − r_φ(x, y_r) − m) ]       m: optional margin (0 by default)
 
 Symbol → variable → shape (B = pairs or sequences in the batch, L = padded token length)
   x                  prompts                          list of B str
@@ -25,7 +22,8 @@ Symbol → variable → shape (B = pairs or sequences in the batch, L = padded t
   w_k, R_k           weight, REWARD_FUNCTIONS[name]   float, Callable[[str, str], float]
   r_φ(x, y_c)        chosen_rewards                   (B,)
   r_φ(x, y_r)        rejected_rewards                 (B,)
-  Δ = r_c − r_r      margin                           (B,)
+  m                  margin                           (B,) or None
+  Δ = r_c − r_r − m  delta                            (B,)
   L_RM               loss                             ()
   token ids, mask    input_ids, attention_mask        (B, L)
   r_φ(x, y)          scores                           (B,)

@@ -438,9 +438,8 @@ def build_run(args: Args, rank: int, world: int, device: torch.device) -> Run:
               sampler=sampling.make_sampler(policy, tok, args.max_new_tokens, args.temperature, hf_generation_config),
               hf_generation_config=hf_generation_config, beta=args.beta)
     shapes = {"policy": shapes} | (load_rl_models(run, mixed) if args.algo in ("grpo", "ppo") else {})
-    run.optimizers = {name: torch.optim.AdamW(getattr(run, name).parameters(), lr=run.base_lr[name],
-                                              weight_decay=args.weight_decay) for name in ("policy", "critic")
-                      if getattr(run, name) is not None}
+    run.optimizers = {name: plumbing.adamw(getattr(run, name), run.base_lr[name], args.weight_decay)
+                      for name in ("policy", "critic") if getattr(run, name) is not None}
     frozen = {name: getattr(run, name) for name in ("ref", "reward_model") if getattr(run, name) is not None}
     plumbing.record_memory(args.out, run.trained(), frozen, shapes, mixed)
     return run
@@ -491,7 +490,7 @@ def build_reward_model_run(args: Args, rank: int, world: int, device, tok, data:
     args.max_length = args.max_length or context
     train_rows, eval_rows = reward_model.load_pairs(args, tok, data)
     args.steps = math.ceil(len(train_rows) / args.prompts_per_step) if args.steps is None else args.steps
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     run = Run(args=args, rank=rank, world=world, device=device, tok=tok, train_rows=train_rows, eval_rows=eval_rows,
               reward_model=model, optimizers={"reward_model": optimizer}, base_lr={"reward_model": args.lr})
     plumbing.record_memory(args.out, run.trained(), {}, {"reward_model": shapes}, mixed)
