@@ -258,23 +258,29 @@ def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     whatever the padding side; (b, L), (b, L) → (b,), with the graph (so it trains as well as it scores).
 
     A transformers *ForSequenceClassification pools at the rightmost token that is not config.pad_token_id. Where pad
-    = EOS (common), the EOS a text ends with counts as padding, and the score comes from the token before it
-    (transformers #35352). So the head's per-position output (b, L, 1) is taken by a forward hook on the head, for
-    this one call, and read at the last position where attention_mask = 1; the model's own pooled output is unused.
-    """
-    head = getattr(model, "score", None) or getattr(model, "classifier")
-    per_position = []
-    hook = head.register_forward_hook(lambda module, inputs, output: per_position.append(output))
-    try:
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, L) left padding: first real token at 0
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    finally:
-        hook.remove()
-    if per_position[0].dim() == 2:  # (b, 1): an encoder that pools before its head (BERT's [CLS]); nothing to pick
-        return per_position[0][:, 0]  # (b,)
+    = EOS (common), an EOS the text ends with counts as padding, and the score comes from the token before it
+    (transformers #35352). So for this one call a forward hook on the head replaces its per-position output (b, L, 1)
+    by the value at each row's last real token, at every position: whichever position the model's own pooling then
+    picks, it returns that value. The score comes out of the model's own forward, so a sharded model's backward hooks
+    (FSDP2's, registered on its outputs) run as for any loss. A (b, 1) head output is an encoder that pools before
+    its head (BERT's [CLS]): it is left as it is."""
     # last real position = L − 1 − (index of the first 1 in the reversed mask; argmax returns the first maximum)
     last = attention_mask.shape[1] - 1 - attention_mask.flip(1).float().argmax(1)  # (b,)
-    return per_position[0][torch.arange(len(last)), last, 0]  # (b,)
+
+    def at_last_token(module, inputs, output):
+        if output.dim() == 2:
+            return output  # (b, 1)
+        return output[torch.arange(len(last)), last][:, None].expand_as(output)  # (b, L, 1)
+
+    head = getattr(model, "score", None) or getattr(model, "classifier")
+    hook = head.register_forward_hook(at_last_token)
+    try:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, L) left padding: first real token at 0
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits  # (b, 1)
+    finally:
+        hook.remove()
+    return logits[:, 0]  # (b,)
 
 
 @torch.no_grad()

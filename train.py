@@ -485,7 +485,10 @@ def build_reward_model_run(args: Args, rank: int, world: int, device, tok, data:
         sampler = sampling.make_sampler(policy, tok, args.max_new_tokens, 1.0, generation)
         data = reward_model.embedded_comparisons(args, policy, tok, rows, sampler)
         del policy
+    torch.manual_seed(args.seed)  # the new score head: the same start with or without the comparisons' sampling
     model, shapes, _ = plumbing.load_model(spec, device, mixed)
+    if model.config.pad_token_id is None:  # transformers' pooling refuses a batch without one (read or not)
+        model.config.pad_token_id = tok.pad_token_id
     context = getattr(model.config, "max_position_embeddings", None)
     args.max_length = args.max_length or context
     train_rows, eval_rows = reward_model.load_pairs(args, tok, data)

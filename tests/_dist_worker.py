@@ -146,6 +146,7 @@ def run_generate(model_dir: str, out_dir: str) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     rank = dist.get_rank()
+    plumbing.BLOCKS_FROM = 0  # a unit per transformer block, as a model of 50M parameters or more is sharded
     tok = plumbing.load_tokenizer(model_dir)
     policy = load("policy", model_dir)
     n_fsdp_modules = sum(isinstance(m, FSDPModule) for m in policy.modules())

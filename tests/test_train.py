@@ -224,7 +224,7 @@ def fsdp_runs(tiny_dir, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_generate_gathers_parameters_once_per_rollout(tiny_dir, fsdp_runs):
     out = torch.load(fsdp_runs[0] / "generate.pt", weights_only=False)
-    n_modules = 2 + 1  # fully_shard on each of the 2 decoder layers and on the root
+    n_modules = 2 + 1  # fully_shard on each of the 2 decoder layers and on the root (BLOCKS_FROM = 0 in the worker)
     assert out["n_fsdp_modules"] == n_modules
     for counts in out["counts_per_rank"]:
         for T_ in (2, 8):
@@ -241,6 +241,17 @@ def test_generate_gathers_parameters_once_per_rollout(tiny_dir, fsdp_runs):
     ro = out["rollouts"][8]
     truncated = ro["completion_mask"].all(1) & (ro["input_ids"][:, -1] != tok.eos_token_id)
     assert truncated.any() and not truncated.all()  # both branches of the mask were exercised
+
+
+def test_small_models_are_one_fsdp_unit_large_ones_one_per_block(tiny_dir, one_process_group, monkeypatch):
+    """plumbing.shard: below BLOCKS_FROM parameters the root is the only FSDP2 unit (one all-gather per forward instead
+    of one per block); from it on, each transformer block is a unit of its own (what bounds a large model's memory)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = lambda model: sum(isinstance(m, FSDPModule) for m in model.modules())  # noqa: E731
+    assert units(plumbing.shard(plain_model(tiny_dir), False)) == 1
+    monkeypatch.setattr(plumbing, "BLOCKS_FROM", sum(p.numel() for p in plain_model(tiny_dir).parameters()))
+    assert units(plumbing.shard(plain_model(tiny_dir), False)) == 2 + 1
 
 
 def grpo_reference_update(tiny_dir: str, batch: dict, loss_agg: str, max_grad_norm: float, lr: float):
