@@ -94,7 +94,7 @@ class Args:
               "seq-mean-token-sum-norm (Dr.GRPO); PPO takes token-mean only")
     scale_rewards: bool = arg(True, "GRPO: divide by the group std (false = Dr.GRPO)")
     steps: int | None = arg(None, "optimizer steps; unset: RL 400; tiny model: sft 2000 (a cap: see --sft-target), rm "
-                                  "1500; --model: sft and rm one pass over the data")
+                                  "2000; --model: sft and rm one pass over the data")
     eval_every: int | None = arg(None, "evaluate every this many steps, and at step 0; unset: sft 10, rm 100, RL 50")
     save_every: int = arg(100, "checkpoint (and export to OUT/hf) every this many steps; 0 = only at the end")
     keep_checkpoints: int = arg(2, "complete checkpoints kept")
@@ -140,7 +140,7 @@ def resolve_defaults(args: Args, world: int) -> Args:
         divisors = [m for m in range(1, min(8, per_rank) + 1) if per_rank % m == 0]
         args.micro_batch_size = per_rank if tiny else divisors[-1]
     if args.steps is None and (rl or tiny):  # else (sft, rm with --model): one pass over the data, set by build_run
-        args.steps = 400 if rl else 2000 if args.algo == "sft" else 1500
+        args.steps = 400 if rl else 2000
     return args
 
 

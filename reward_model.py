@@ -14,8 +14,8 @@ go through the chat template. A pair longer than --max-length tokens is dropped,
 
 The embedded default collects comparisons the way document 004 says they are collected: for each training prompt,
 two samples of the --model policy, ranked by an annotator, here the verifiable checker (rewards.math_reward): the
-correct one is chosen. Ties (both right, both wrong, or the same text) are dropped; a fifth of the prompts' pairs
-are held out for evaluation. The export, OUT/hf, loads as it is with --reward-model; its config carries
+correct one is chosen. Ties (both right, both wrong, or the same text) are dropped, and a pair drawn again is kept
+once; a fifth of the prompts' pairs are held out for evaluation. The export, OUT/hf, loads as it is with --reward-model; its config carries
 `reward_mean` and `reward_std`, the scores' mean and std on the held-out pairs (OpenRLHF stores the same), with
 which --reward-model standardises the score.
 
@@ -40,7 +40,7 @@ import rewards as rewards_lib
 import sampling
 
 HELD_OUT = 0.2  # the embedded comparisons: this fraction of the prompts' pairs is held out
-ROUNDS = 8  # the embedded comparisons: each prompt is sampled twice this many times (one pair per round)
+ROUNDS = 64  # the embedded comparisons: each prompt is sampled twice this many times (at most one pair a round)
 
 
 class Pair(NamedTuple):
@@ -206,12 +206,14 @@ def sample_comparisons(policy, tok, rows: list, sampler: sampling.Sampler, seed:
 
 
 def write_comparisons(path: str, comparisons: list[dict], n_prompts: int) -> None:
-    """train.jsonl and test.jsonl of `comparisons`: the pairs of a random HELD_OUT of the prompts are the test set,
-    so that no held-out prompt is trained on. Duplicate pairs are kept: they are how often the policy made them."""
+    """train.jsonl and test.jsonl of `comparisons`, each pair once (annotators do not label the same pair twice;
+    measured, the number of distinct pairs is what the reward model's accuracy follows): the pairs of a random
+    HELD_OUT of the prompts are the test set, so that no held-out prompt is trained on."""
     held = set(np.random.default_rng(0).permutation(n_prompts)[: int(HELD_OUT * n_prompts)].tolist())
+    distinct = list({(c["prompt"], c["chosen"], c["rejected"]): c for c in comparisons}.values())
     os.makedirs(path, exist_ok=True)
-    for name, part in (("train.jsonl", [c for c in comparisons if c["group"] not in held]),
-                       ("test.jsonl", [c for c in comparisons if c["group"] in held])):
+    for name, part in (("train.jsonl", [c for c in distinct if c["group"] not in held]),
+                       ("test.jsonl", [c for c in distinct if c["group"] in held])):
         with open(os.path.join(path, name), "w") as f:
             f.writelines(json.dumps({k: c[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for c in part)
 
@@ -228,7 +230,9 @@ def embedded_comparisons(args, policy, tok, rows: list, sampler: sampling.Sample
         comparisons = sample_comparisons(policy, tok, rows, sampler, args.seed)
         if torch.distributed.get_rank() == 0:
             embedded_task.built(path, settings, lambda tmp: write_comparisons(tmp, comparisons, len(rows)))
-            plumbing.say(f"comparisons: {len(comparisons)} pairs from {ROUNDS} rounds of two samples of each of the "
-                         f"{len(rows)} training prompts by {args.model} (ties dropped), in {path}")
+            distinct = len({(c["prompt"], c["chosen"], c["rejected"]) for c in comparisons})
+            plumbing.say(f"comparisons: {distinct} distinct pairs ({len(comparisons)} drawn) from {ROUNDS} rounds of "
+                         f"two samples of each of the {len(rows)} training prompts by {args.model} (ties dropped), "
+                         f"in {path}")
     torch.distributed.barrier()
     return path
