@@ -15,9 +15,9 @@ go through the chat template. A pair longer than --max-length tokens is dropped,
 The embedded default collects comparisons the way document 004 says they are collected: for each training prompt,
 two samples of the --model policy, ranked by an annotator, here the verifiable checker (rewards.math_reward): the
 correct one is chosen. Ties (both right, both wrong, or the same text) are dropped, and a pair drawn again is kept
-once; a fifth of the prompts' pairs are held out for evaluation. The export, OUT/hf, loads as it is with --reward-model; its config carries
-`reward_mean` and `reward_std`, the scores' mean and std on the held-out pairs (OpenRLHF stores the same), with
-which --reward-model standardises the score.
+once; a fifth of the prompts' pairs are held out for evaluation. The export, OUT/hf, loads as it is with
+--reward-model; its config carries `reward_mean` and `reward_std`, the scores' mean and std on the held-out pairs
+(OpenRLHF stores the same), with which --reward-model standardises the score.
 
 | symbol       | variable         | shape | meaning                                         |
 |--------------|------------------|-------|-------------------------------------------------|
@@ -165,6 +165,9 @@ def pair_texts(tok, prompt, chosen, rejected, where: str, row: int) -> tuple[str
     (or the `prompt` column), through the chat template with the assistant's turn opened; each response is the last
     message's content. Plain text without a prompt: the common prefix of the two texts is the prompt."""
     if isinstance(chosen, list):  # [{"role": ..., "content": ...}, ...]
+        if not tok.chat_template:
+            raise plumbing.UserError(f"dataset {where} holds conversations, and the tokenizer of --model has no chat "
+                                     "template to write them with")
         messages = prompt if prompt is not None else chosen[:-1]
         if prompt is None and rejected[:-1] != messages:
             raise plumbing.UserError(f"dataset {where}, row {row}: chosen and rejected conversations differ before "

@@ -9,8 +9,8 @@ model, then PPO or GRPO; one loop, one process or many, CPU or GPU, FSDP2 throug
 The RL step reads as documents 002 ("Implementation and Training Loop") and 004 ("PPO training loop: one iteration")
 write it: sample G completions per prompt under π_θold → score them → log-probs under π_θold and π_ref, values under
 V_φold → advantages → epochs × minibatches of clipped-surrogate steps. The math lives in gae.py, ppo.py, grpo.py,
-rewards.py and logprobs.py; options, torchrun/FSDP2, loading and checkpoints in plumbing.py; how completions are drawn
-in sampling.py; the offline default task in embedded_task.py.
+rewards.py and logprobs.py; every option in options.py; torchrun/FSDP2, loading and checkpoints in plumbing.py; how
+completions are drawn in sampling.py; the offline default task in embedded_task.py.
 
 Run manual
 ----------
@@ -28,10 +28,8 @@ A Hugging Face model and dataset (GSM8K's `question` / `answer` columns are the 
         --dataset openai/gsm8k --dataset-config main --max-new-tokens 512 --prompts-per-step 64 --beta 0.04
 Two nodes (run on each node, same rendezvous endpoint; --out must be on a file system both nodes share):
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py --algo grpo ...
-Resume the newest complete checkpoint in --out with the same arguments plus --resume.
-
-Outputs in --out: metrics.jsonl (one JSON object per line), memory.json, checkpoints/step_XXXXXX (DCP), hf/ (the
-trained model as a Hugging Face checkpoint), eval_completions.jsonl (the last evaluation's greedy outputs), curves.png.
+Resume the newest complete checkpoint in --out with the same arguments plus --resume. Outputs in --out:
+metrics.jsonl, memory.json, checkpoints/step_XXXXXX (DCP), hf/ (the trained model), eval_completions.jsonl, curves.png.
 
 Shape legend: B sequences on this rank (prompts × G), b a minibatch or micro-batch of them, P prompt tokens
 (left-padded), T completion tokens (padded to the longest completion of the step), S = P + T, V vocabulary.

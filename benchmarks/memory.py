@@ -22,7 +22,7 @@ The ledger's prediction beside them (bytes, fp32 on CPU; every formula is writte
   frozen      4 B/param: the reference policy's fp32 weights (β = 0.04 loads it; fp32 on CPU)
   activations memory_ledger.activation_bytes_estimate(seq_len=P+T, batch=M, hidden=64, heads=4, n_layers=2) per trained
               model in one micro-batch (policy; + critic for PPO)
-  logits      M × T × V × 4: the fp32 logits of one micro-batch that train.TokenLogprobs keeps for backward
+  logits      M × T × V × 4: the fp32 logits of one micro-batch that logprobs.TokenLogprobs keeps for backward
   ledger      state + frozen + activations + logits
 What the ledger leaves out (see benchmarks/README.md, "Memory of the --model path"): the Python/torch/transformers
 process itself (`baseline`, measured here by importing what train.py imports), the logits' gradient that
@@ -119,7 +119,7 @@ def predict(facts: dict, algo: str, micro: int, T: int) -> dict:
     # activations kept for backward by each trained transformer over one micro-batch of M sequences of S = P + T positions
     # (Korthikanti et al. 2022: L·(34·S·M·h + 5·a·S²·M) bytes; written for 16-bit activations, so a low estimate at fp32)
     activations = len(trained) * memory_ledger.activation_bytes_estimate(seq_len=S, batch=M, hidden=HIDDEN, heads=HEADS, n_layers=LAYERS)
-    # the fp32 logits of the T completion positions of one micro-batch that train.TokenLogprobs saves for backward
+    # the fp32 logits of the T completion positions of one micro-batch that logprobs.TokenLogprobs saves for backward
     logits = M * T * facts["vocab"] * 4
     return {"M_effective": M, "S": S, "state": state, "frozen": frozen, "activations": activations, "logits": logits,
             "ledger": state + frozen + activations + logits,

@@ -117,11 +117,12 @@ def main(argv=None) -> int:
     if not a.sft:
         a.sft = os.path.join(a.work, "sft", "hf")
         if not os.path.exists(a.sft):
-            run(["--algo", "sft", "--out", os.path.join(a.work, "sft"), "--seed", a.seed], a.sft + ".log")
+            run(["--algo", "sft", "--out", os.path.join(a.work, "sft"), "--seed", a.seed], os.path.join(a.work, "sft.log"))
     if not a.rm:
         a.rm = os.path.join(a.work, "rm", "hf")
         if not os.path.exists(a.rm):
-            run(["--algo", "rm", "--model", a.sft, "--out", os.path.join(a.work, "rm"), "--seed", a.seed], a.rm + ".log")
+            run(["--algo", "rm", "--model", a.sft, "--out", os.path.join(a.work, "rm"), "--seed", a.seed],
+                os.path.join(a.work, "rm.log"))
     jobs = [(algo, float(b)) for algo in a.algos.split(",") for b in a.betas.split(",")]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda job: one(*job, a), jobs))

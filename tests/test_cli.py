@@ -314,3 +314,61 @@ def test_default_minibatch_fits_the_batch_on_2_ranks(tmp_path, capsys, monkeypat
                                                                "--max-new-tokens", 0)
     line = main_error(capsys, "--out", tmp_path / "c", "--prompts-per-step", 16, "--minibatch-size", 12)
     assert "--minibatch-size 12 must divide the batch (16 prompts × 8 = 128) and be divisible by the 2 ranks" in line
+
+
+# ======================================================================================================================
+# 10. Silent failures a new user met: stale artefacts, --model OUT/hf, data problems
+# ======================================================================================================================
+def test_a_warm_start_made_with_other_settings_is_refused_not_reused(base, tmp_path, capsys):
+    """A rerun into the --out of a --seed 0 run with --seed 1 used to start RL from the seed-0 warm start, silently."""
+    out = copy_base(base, tmp_path / "out")
+    line = main_error(capsys, "--out", out, *[a for a in TINY if a not in ("--seed", "0")], "--seed", "1", "--steps", 1)
+    assert line.startswith(f"error: {out / 'sft'} holds a warm start made with other settings (--seed 0 → 1") and \
+        f"or remove {out / 'sft'}" in line, line
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_stale_embedded_data_is_rebuilt_and_says_what_differed(base, tmp_path):
+    out = copy_base(base, tmp_path / "out")
+    meta = json.loads((out / "embedded_data" / "meta.json").read_text())
+    (out / "embedded_data" / "meta.json").write_text(json.dumps(meta | {"test_rows": 100}))  # as an older version
+    (out / "embedded_data" / "test.jsonl").write_text("")
+    p = ok(run("--out", out, *TINY, "--steps", "1", "--eval-size", "4"))
+    assert f"{out / 'embedded_data'} was made with other settings (test_rows 100 → 200): building it again" in p.stdout
+    assert sum(1 for _ in open(out / "embedded_data" / "test.jsonl")) == 200
+
+
+def test_model_from_an_embedded_export_keeps_the_tiny_defaults_and_builds_no_model(base, tmp_path):
+    """--model OUT/hf of the embedded task (the README's advice for changing a locked option): the tiny model's
+    defaults stay (lr 1e-3, c_h 0.05, the whole per-rank minibatch), the start-up line shows them, and only the
+    embedded data is built: no warm start, no tiny model."""
+    out = tmp_path / "out"
+    p = ok(run("--out", out, *TINY, "--steps", "1", "--model", base / "hf"))
+    assert "lr 0.001, micro-batch 4, dtype auto, c_h 0.05, β 0.0, minibatch 4" in p.stdout, p.stdout
+    assert (out / "embedded_data").exists() and not (out / "sft").exists() and not (out / "embedded_model").exists()
+
+
+def test_data_problems_are_said_or_refused(tmp_path, capsys):
+    """Null or empty prompts and answers: dropped, counted, their rows named. --eval-size larger than what the data
+    holds: said. An evaluation set that comes out empty: refused."""
+    import train as train_module
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    rows = [{"question": f"{i}+1=", "answer": str(i + 1)} for i in range(300)]
+    rows[4]["question"], rows[17]["answer"], rows[250]["answer"] = None, "", "  "
+    args = options.resolve_defaults(options.parse_args(train_module.Args, ["--dataset", str(write("d.jsonl", rows)),
+                                                                             "--eval-size", "1000"]), 1)
+    train_rows, evals = plumbing.load_prompts(args, args.dataset)
+    said = capsys.readouterr().out
+    assert "dropped 3 of 300 rows whose 'question' or 'answer' is null or empty (rows 4, 17, 250)" in said, said
+    assert "the last 59 of 297 training rows are held out for evaluation (fewer than --eval-size 1000: at most 20%)" \
+        in said, said
+    assert len(train_rows) == 238 and len(evals) == 59 and all(q != "None" for q, _ in train_rows)
+    tiny = write("three.jsonl", rows[:3])
+    args = options.resolve_defaults(options.parse_args(train_module.Args, ["--dataset", str(tiny)]), 1)
+    with pytest.raises(plumbing.UserError, match="3 usable training rows and no split 'test': too few to hold out"):
+        plumbing.load_prompts(args, args.dataset)

@@ -70,8 +70,8 @@ def public(module) -> list[str]:
 def readme_table() -> dict[str, set[str]]:
     """README.md's "Copying a function out": `module.function` → the helpers it names (a row per function)."""
     text = (REPO / "README.md").read_text()
-    section = text[text.index("### Copying a function out"):]
-    section = section[: section.index("\n## ")]
+    section = text[text.index("## Copying a function out"):]
+    section = section[: section.index("\n## ", 3)]
     out = {}
     for line in section.splitlines():
         m = re.match(r"\| `(\w+)\.(\w+)` \| (.*) \|$", line)

@@ -57,7 +57,7 @@ def logprob_diff(run, tok) -> float:
 def test_sampling_is_the_scored_policy_despite_the_checkpoints_generation_config(qwen_dir, one_process_group, temperature):
     """A Qwen2-shaped model (151,936-token vocabulary) whose generation_config.json sets repetition penalty 1.05,
     top-k 20, top-p 0.8 and temperature 0.7: with the trainer's neutral config, the sampler's log-prob of every drawn
-    token equals π_θold's at --temperature (< 1e-3, the issue's bound; fp32). The control hands the checkpoint's own
+    token equals π_θold's at --temperature (< 1e-3; fp32). The control hands the checkpoint's own
     config to generate: the same metric is then far from 0, so the metric can see a mismatch. Catches: inheriting any
     sampling field of the checkpoint, or scoring at another temperature than the one sampled at."""
     run, tok = qwen_run(qwen_dir, temperature, neutral=True)

@@ -179,6 +179,31 @@ def test_preference_file_without_chosen_or_with_identical_pairs(tmp_path, models
     assert "1 pairs have the same chosen and rejected text (rows 3)" in line
 
 
+def test_explained_variance_is_null_when_every_reward_is_zero_after_the_critic_moved(models, tmp_path, capsys):
+    """PPO whose every reward is 0 (`--reward math=0`), with a critic that has moved (started from the reward model:
+    V ≠ 0): the returns R = A + V are 0 up to float32 rounding, and explained_variance is logged as null, not a huge
+    negative number (the README's glossary)."""
+    import torch.distributed as dist
+
+    import train
+
+    _, lm, rm = models
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(40)))
+    try:
+        code = train.main([str(a) for a in ("--algo", "ppo", "--model", lm, "--dataset", data, "--reward", "math=0",
+                                            "--critic-init", rm, "--steps", 2, "--prompts-per-step", 4,
+                                            "--group-size", 4, "--eval-size", 0, "--plot", "false", "--out",
+                                            tmp_path / "out")])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert code == 0, capsys.readouterr().err[-3000:]
+    rows = [r for r in metrics(tmp_path / "out") if "reward_mean" in r]
+    assert [r["reward_std"] for r in rows] == [0.0, 0.0] and all(r["value_loss"] > 1e-4 for r in rows)
+    assert [r["explained_variance"] for r in rows] == [None, None]
+
+
 # ---------------------------------------------------------------------------------------------------- the pipeline
 
 @pytest.fixture(scope="module")
