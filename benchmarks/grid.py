@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -48,9 +47,10 @@ def run_cell(algo: str, seed: int, ranks: int, extra: list[str]) -> dict:
     cell = {"algo": algo, "ranks": ranks, "seed": seed, "returncode": p.returncode, "wall_s": round(wall, 1)}
     if p.returncode != 0:
         cell["error"] = (p.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-    warm = re.search(r"warm start: (\d+) supervised steps, greedy accuracy ([\d.]+)", p.stdout)
-    if warm:
-        cell["sft_steps"], cell["sft_accuracy"] = int(warm.group(1)), float(warm.group(2))
+    sft_rows = os.path.join(out, "sft", "metrics.jsonl")  # the warm start: the sft stage's own --out
+    sft_evals = [json.loads(line) for line in open(sft_rows) if "eval_accuracy" in line] if os.path.exists(sft_rows) else []
+    if sft_evals:
+        cell["sft_steps"], cell["sft_accuracy"] = sft_evals[-1]["step"], sft_evals[-1]["eval_accuracy"]
     path = os.path.join(out, "metrics.jsonl")
     rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     cell["eval"] = {str(r["step"]): r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None}  # JSON keys

@@ -8,6 +8,8 @@ and document 004's first pitfall ("monitor response quality during training, not
 
     python benchmarks/overoptimization.py                 (builds the sft and rm stages first, into --work)
     python benchmarks/overoptimization.py --sft DIR --rm DIR --betas 0,0.02,0.05,0.1 --steps 400
+    python benchmarks/overoptimization.py --rm-rounds 8 --name overoptimization_rounds8   (a weaker reward model: its
+        comparisons from 8 rounds of sampling instead of reward_model.ROUNDS = 64)
 
 Each run is `python train.py --algo {ppo,grpo} --model SFT --reward none --reward-model RM [--critic-init RM]
 --beta β --steps N`, one thread, two runs at a time. β = 0 is run as β = 1e-6: a reference model must be loaded for
@@ -30,10 +32,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
 
-def run(cmd: list, log: str) -> float:
+def run(cmd: list, log: str, rounds: int | None = None) -> float:
+    """`python train.py CMD` into `log`; with `rounds`, reward_model.ROUNDS is set first (in that process only)."""
     t0 = time.time()
+    patch = f"import sys, reward_model, train; reward_model.ROUNDS = {rounds}; sys.exit(train.main(sys.argv[1:]))"
+    script = ["-c", patch] if rounds else [os.path.join(REPO, "train.py")]
     with open(log, "w") as f:
-        subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *map(str, cmd)], cwd=REPO, env=ENV, stdout=f,
+        subprocess.run([sys.executable, *script, *map(str, cmd)], cwd=REPO, env=ENV, stdout=f,
                        stderr=subprocess.STDOUT, check=True)
     return time.time() - t0
 
@@ -77,23 +82,39 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def windows(curve: list[dict], k: int = 25) -> list[dict]:
+    """Means over consecutive windows of k steps: one point per window (the step-level KL is noisy)."""
+    out = []
+    for i in range(0, len(curve) - k + 1, k):
+        part = curve[i : i + k]
+        out.append({key: sum(c[key] for c in part) / k for key in ("step", "proxy", "gold", "kl_seq")})
+    return out
+
+
 def plot(results: list[dict], path: str) -> None:
+    """Top: proxy and gold against the step. Bottom: against √KL(π ‖ π_init), one point per 25 steps, in step order."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, algo in zip(axes, ("ppo", "grpo")):
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for col, algo in enumerate(("ppo", "grpo")):
         for i, r in enumerate(x for x in results if x["algo"] == algo):
-            d = [math.sqrt(max(0.0, k)) for k in smooth([c["kl_seq"] for c in r["curve"]])]
-            ax.plot(d, smooth([c["proxy"] for c in r["curve"]]), "-", color=f"C{i}", label=f"proxy, β={r['beta']}")
-            ax.plot(d, smooth([c["gold"] for c in r["curve"]]), "--", color=f"C{i}", label=f"gold, β={r['beta']}")
-        ax.set_xlabel("√KL(π ‖ π_init) per sequence (k3, smoothed over 10 steps)")
-        ax.set_ylabel("reward (proxy: standardised reward model; gold: correct = 1)")
-        ax.set_title(f"{algo.upper()} against the learned reward model")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+            w = windows(r["curve"])
+            d = [math.sqrt(max(0.0, p["kl_seq"])) for p in w]
+            for ax, x in ((axes[0][col], [p["step"] for p in w]), (axes[1][col], d)):
+                style = dict(color=f"C{i}", markersize=3)
+                ax.plot(x, [p["proxy"] for p in w], "o-", label=f"proxy, β={r['beta']}", **style)
+                ax.plot(x, [p["gold"] for p in w], "s--", label=f"gold, β={r['beta']}", **style)
+        axes[0][col].set_xlabel("RL step (mean over each 25 steps)")
+        axes[1][col].set_xlabel("√KL(π ‖ π_init) per sequence (k3; mean over each 25 steps)")
+        title = f"{algo.upper()}: proxy (standardised reward model, solid), gold (share correct, dashed)"
+        axes[0][col].set_title(title, fontsize=9)
+        for ax in axes[:, col]:
+            ax.set_ylabel("reward")
+            ax.grid(alpha=0.3)
+        axes[0][col].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -108,38 +129,51 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work", default=os.path.join(REPO, "out", "overoptimization"))
+    p.add_argument("--work", help="default: out/NAME")
     p.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results"))
     p.add_argument("--fresh", action="store_true", help="run again the runs already in --work")
+    p.add_argument("--rm-rounds", type=int, help="rounds of comparisons for the reward model it builds")
+    p.add_argument("--name", default="overoptimization", help="results file stem under --results")
     a = p.parse_args(argv)
+    a.work = a.work or os.path.join(REPO, "out", a.name)
     os.makedirs(a.work, exist_ok=True)
     t0 = time.time()
+    build_stages(a)
+    jobs = [(algo, float(b)) for algo in a.algos.split(",") for b in a.betas.split(",")]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda job: one(*job, a), jobs))
+    write(a, results, time.time() - t0)
+    print(table(results))
+    return 0
+
+
+def build_stages(a) -> None:
+    """The sft and rm stages into --work, unless --sft and --rm name them (or they are there already)."""
     if not a.sft:
         a.sft = os.path.join(a.work, "sft", "hf")
         if not os.path.exists(a.sft):
-            run(["--algo", "sft", "--out", os.path.join(a.work, "sft"), "--seed", a.seed], os.path.join(a.work, "sft.log"))
+            run(["--algo", "sft", "--out", os.path.join(a.work, "sft"), "--seed", a.seed],
+                os.path.join(a.work, "sft.log"))
     if not a.rm:
         a.rm = os.path.join(a.work, "rm", "hf")
         if not os.path.exists(a.rm):
             run(["--algo", "rm", "--model", a.sft, "--out", os.path.join(a.work, "rm"), "--seed", a.seed],
-                os.path.join(a.work, "rm.log"))
-    jobs = [(algo, float(b)) for algo in a.algos.split(",") for b in a.betas.split(",")]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda job: one(*job, a), jobs))
-    rm_rows = rows(os.path.dirname(a.rm)) if os.path.exists(os.path.join(os.path.dirname(a.rm), "metrics.jsonl")) else []
-    rm_eval = [r for r in rm_rows if "eval_pair_accuracy" in r]
+                os.path.join(a.work, "rm.log"), a.rm_rounds)
+
+
+def write(a, results: list[dict], seconds: float) -> None:
+    rm_log = os.path.join(os.path.dirname(a.rm), "metrics.jsonl")
+    rm_eval = [r for r in rows(os.path.dirname(a.rm)) if "eval_pair_accuracy" in r] if os.path.exists(rm_log) else []
     summary = {"sft": os.path.relpath(a.sft, REPO), "rm": os.path.relpath(a.rm, REPO), "steps": a.steps,
+               "rm_rounds": a.rm_rounds or "reward_model.ROUNDS",
                "rm_eval_pair_accuracy": rm_eval[-1]["eval_pair_accuracy"] if rm_eval else None,
-               "runtime_s": time.time() - t0, "runs": results}
+               "runtime_s": seconds, "runs": results}
     os.makedirs(a.results, exist_ok=True)
-    with open(os.path.join(a.results, "overoptimization.json"), "w") as f:
+    with open(os.path.join(a.results, a.name + ".json"), "w") as f:
         json.dump(summary, f, indent=1)
-    text = table(results)
-    with open(os.path.join(a.results, "overoptimization.md"), "w") as f:
-        f.write(text + "\n")
-    plot(results, os.path.join(a.results, "overoptimization.png"))
-    print(text)
-    return 0
+    with open(os.path.join(a.results, a.name + ".md"), "w") as f:
+        f.write(table(results) + "\n")
+    plot(results, os.path.join(a.results, a.name + ".png"))
 
 
 if __name__ == "__main__":
