@@ -169,10 +169,19 @@ def rank_1_raises(out) -> dict:
     return {"p": p, "stopped_after_s": seconds_since_last_row(out)}  # the last row: step 1's
 
 
-def worker_pids(out) -> list[int]:
-    """Processes whose command line holds this run's --out: the torchrun agent and its workers."""
-    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in ps.splitlines() if str(out) in line and "ps -eo" not in line]
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (torchrun's workers, when `pid` is the agent)."""
+    ps = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in ps.split()]
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's zombie waits for init, which may never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def wait_for(predicate, timeout: float) -> float:
@@ -193,11 +202,11 @@ def agent_killed_then_resume(out) -> dict:
     agent = subprocess.Popen(command(["--out", out, *args], 2), cwd=ROOT, env=ENV, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     committed = wait_for(lambda: os.path.exists(os.path.join(out, "checkpoints", "step_000002", "meta.json")), 300)
-    workers = [p for p in worker_pids(out) if p != agent.pid]
+    workers = children(agent.pid)
     os.killpg(agent.pid, signal.SIGKILL)
     agent.wait()
-    gone_after_s = wait_for(lambda: not worker_pids(out), 60)
-    for pid in worker_pids(out):  # leave nothing behind whatever the test concludes
+    gone_after_s = wait_for(lambda: not any(map(running, workers)), 60)
+    for pid in filter(running, workers):  # leave nothing behind whatever the test concludes
         os.kill(pid, signal.SIGKILL)
     return {"committed_after_s": committed, "workers": workers, "gone_after_s": gone_after_s,
             "resume": train(out, *args, "--resume", nproc=2)}

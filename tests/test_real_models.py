@@ -20,11 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The end-to-end runs: (model kind, algorithm, xfail reason or None). Extend this list to cover more combinations; give
 # a run a reason string (it becomes pytest.mark.xfail(reason=..., strict=False)) while the trainer cannot run it.
-E2E_RUNS = [
-    ("qwen2", "grpo", [], None),
+E2E_RUNS = [  # each architecture once, each algorithm once (the suite's time): PPO on Qwen2, GRPO on Llama
     # two micro-batches of 2 sequences per rank, gradients accumulating; activation checkpointing on every block
     ("qwen2", "ppo", ["--micro-batch-size", "2", "--gradient-checkpointing"], None),
-    ("llama", "ppo", [], None),
+    ("llama", "grpo", [], None),
 ]
 SMOKE = ["--chat-template", "--steps", "2", "--prompts-per-step", "4", "--group-size", "2", "--max-new-tokens", "8",
          "--eval-size", "4", "--eval-every", "1", "--plot", "false",
