@@ -130,6 +130,75 @@ class Run:
 
 
 # ======================================================================================================================
+# The loop, the same for every stage
+# ======================================================================================================================
+SHOWN = {"sft": ("loss", "token_accuracy"), "rm": ("loss", "pair_accuracy"), "grpo": ("reward_mean", "kl"),
+         "ppo": ("reward_mean", "kl")}  # on the progress bar
+
+
+def train(run: Run, start: int, metrics: plumbing.MetricsLog, reached: bool = False) -> None:
+    """Steps start+1 … --steps of the stage; evaluation at step 0 and every --eval-every steps; a checkpoint and an
+    export every --save-every steps and at the end. The sft stage ends at the first evaluation whose eval_accuracy
+    reaches --sft-target (reached: it already has, in the checkpoint resumed)."""
+    from tqdm import tqdm
+
+    args = run.args
+    step_fn, evaluate_fn = {"sft": (sft.sft_step, evaluate), "rm": (reward_model.rm_step, reward_model.evaluate),
+                            "grpo": (rl_step, evaluate), "ppo": (rl_step, evaluate)}[args.algo]  # one step, one eval
+    if start == 0 and args.eval_size:
+        reached = log_evaluation(run, 0, metrics, evaluate_fn)
+        if reached:
+            return save(run, 0, reached)
+    if reached or start >= args.steps:
+        why = " (--sft-target reached)" if reached else f" (--steps {args.steps}): nothing to do; a larger --steps " \
+                                                         "with --resume extends it"
+        plumbing.say(f"the run in {args.out} is already complete at step {start}{why}")
+        return
+    bar = tqdm(range(start + 1, args.steps + 1), disable=run.rank != 0, desc=args.algo, dynamic_ncols=True)
+    for step in bar:
+        lr = plumbing.set_learning_rates(run.trained(), run.base_lr, step, args.steps, args.lr_schedule)
+        row = step_fn(run, step) | {"lr": lr}
+        metrics.write({"step": step} | row)
+        bar.set_postfix({k: "-" if row.get(k) is None else f"{row[k]:.3f}" for k in SHOWN[args.algo]})
+        if args.adaptive_kl_target and row.get("kl") is not None:  # β for the next step (Ziegler et al. 2019)
+            run.beta = ppo.adaptive_kl_beta(run.beta, row["kl"], args.adaptive_kl_target, args.kl_horizon,
+                                            args.prompts_per_step * args.group_size)
+        if args.eval_size and (step % args.eval_every == 0 or step == args.steps):
+            reached = log_evaluation(run, step, metrics, evaluate_fn)
+        if reached or (args.save_every and step % args.save_every == 0) or step == args.steps:
+            save(run, step, reached)
+        if reached:
+            break
+    bar.close()
+
+
+def log_evaluation(run: Run, step: int, metrics: plumbing.MetricsLog, evaluate_fn) -> bool:
+    """Collective: one evaluation, its row in metrics.jsonl and a line; its greedy completions in
+    eval_completions.jsonl. Returns whether the sft stage reached --sft-target."""
+    row, samples = evaluate_fn(run)
+    metrics.write({"step": step} | row)
+    name = next(iter(row))  # eval_accuracy, or eval_pair_accuracy for rm
+    plumbing.say(f"step {step} {name} {row[name]:.3f} (of {row['eval_n']})")
+    if run.rank == 0 and samples:
+        plumbing.write_jsonl(os.path.join(run.args.out, "eval_completions.jsonl"), samples)
+    return run.args.algo == "sft" and 0 < run.args.sft_target <= row["eval_accuracy"]
+
+
+def save(run: Run, step: int, reached: bool) -> None:
+    """Collective: a checkpoint (models, optimizers, β, whether --sft-target was reached) and the export to OUT/hf:
+    the policy, or the reward model with its held-out scores' mean and std in its config."""
+    plumbing.save_checkpoint(run.args, step, run.trained(), {"beta": run.beta, "reached_target": reached})
+    if not run.args.export:
+        return
+    if run.args.algo == "rm":
+        stats = reward_model.evaluate(run)[0] if run.eval_rows else {}
+        norm = {"reward_mean": stats["eval_reward_mean"], "reward_std": stats["eval_reward_std"]} if stats else {}
+        plumbing.export_hf(run.reward_model, run.tok, run.args.out, config_updates=norm)
+    else:
+        plumbing.export_hf(run.policy, run.tok, run.args.out, run.hf_generation_config)
+
+
+# ======================================================================================================================
 # The RL step
 # ======================================================================================================================
 def rl_step(run: Run, step: int) -> dict:
@@ -337,75 +406,6 @@ def rollout_metrics(run: Run, batch: Rollout) -> dict:
 def evaluate(run: Run) -> tuple[dict, list[dict]]:
     """Collective: greedy accuracy on the evaluation prompts (sampling.greedy_eval); the metrics and the samples."""
     return sampling.greedy_eval(run.policy, run.tok, run.eval_rows, run.sampler, run.reward_fns)
-
-
-# ======================================================================================================================
-# The loop, the same for every stage
-# ======================================================================================================================
-SHOWN = {"sft": ("loss", "token_accuracy"), "rm": ("loss", "pair_accuracy"), "grpo": ("reward_mean", "kl"),
-         "ppo": ("reward_mean", "kl")}  # on the progress bar
-
-
-def train(run: Run, start: int, metrics: plumbing.MetricsLog, reached: bool = False) -> None:
-    """Steps start+1 … --steps of the stage; evaluation at step 0 and every --eval-every steps; a checkpoint and an
-    export every --save-every steps and at the end. The sft stage ends at the first evaluation whose eval_accuracy
-    reaches --sft-target (reached: it already has, in the checkpoint resumed)."""
-    from tqdm import tqdm
-
-    args = run.args
-    step_fn, evaluate_fn = {"sft": (sft.sft_step, evaluate), "rm": (reward_model.rm_step, reward_model.evaluate),
-                            "grpo": (rl_step, evaluate), "ppo": (rl_step, evaluate)}[args.algo]  # one step, one eval
-    if start == 0 and args.eval_size:
-        reached = log_evaluation(run, 0, metrics, evaluate_fn)
-        if reached:
-            return save(run, 0, reached)
-    if reached or start >= args.steps:
-        why = " (--sft-target reached)" if reached else f" (--steps {args.steps}): nothing to do; a larger --steps " \
-                                                         "with --resume extends it"
-        plumbing.say(f"the run in {args.out} is already complete at step {start}{why}")
-        return
-    bar = tqdm(range(start + 1, args.steps + 1), disable=run.rank != 0, desc=args.algo, dynamic_ncols=True)
-    for step in bar:
-        lr = plumbing.set_learning_rates(run.trained(), run.base_lr, step, args.steps, args.lr_schedule)
-        row = step_fn(run, step) | {"lr": lr}
-        metrics.write({"step": step} | row)
-        bar.set_postfix({k: "-" if row.get(k) is None else f"{row[k]:.3f}" for k in SHOWN[args.algo]})
-        if args.adaptive_kl_target and row.get("kl") is not None:  # β for the next step (Ziegler et al. 2019)
-            run.beta = ppo.adaptive_kl_beta(run.beta, row["kl"], args.adaptive_kl_target, args.kl_horizon,
-                                            args.prompts_per_step * args.group_size)
-        if args.eval_size and (step % args.eval_every == 0 or step == args.steps):
-            reached = log_evaluation(run, step, metrics, evaluate_fn)
-        if reached or (args.save_every and step % args.save_every == 0) or step == args.steps:
-            save(run, step, reached)
-        if reached:
-            break
-    bar.close()
-
-
-def log_evaluation(run: Run, step: int, metrics: plumbing.MetricsLog, evaluate_fn) -> bool:
-    """Collective: one evaluation, its row in metrics.jsonl and a line; its greedy completions in
-    eval_completions.jsonl. Returns whether the sft stage reached --sft-target."""
-    row, samples = evaluate_fn(run)
-    metrics.write({"step": step} | row)
-    name = next(iter(row))  # eval_accuracy, or eval_pair_accuracy for rm
-    plumbing.say(f"step {step} {name} {row[name]:.3f} (of {row['eval_n']})")
-    if run.rank == 0 and samples:
-        plumbing.write_jsonl(os.path.join(run.args.out, "eval_completions.jsonl"), samples)
-    return run.args.algo == "sft" and 0 < run.args.sft_target <= row["eval_accuracy"]
-
-
-def save(run: Run, step: int, reached: bool) -> None:
-    """Collective: a checkpoint (models, optimizers, β, whether --sft-target was reached) and the export to OUT/hf:
-    the policy, or the reward model with its held-out scores' mean and std in its config."""
-    plumbing.save_checkpoint(run.args, step, run.trained(), {"beta": run.beta, "reached_target": reached})
-    if not run.args.export:
-        return
-    if run.args.algo == "rm":
-        stats = reward_model.evaluate(run)[0] if run.eval_rows else {}
-        norm = {"reward_mean": stats["eval_reward_mean"], "reward_std": stats["eval_reward_std"]} if stats else {}
-        plumbing.export_hf(run.reward_model, run.tok, run.args.out, config_updates=norm)
-    else:
-        plumbing.export_hf(run.policy, run.tok, run.args.out, run.hf_generation_config)
 
 
 # ======================================================================================================================
