@@ -208,12 +208,17 @@ def sample_comparisons(policy, tok, rows: list, sampler: sampling.Sampler, seed:
     return [c for part in plumbing.all_gather_objects(found) for c in part]
 
 
+def distinct_pairs(comparisons: list[dict]) -> list[dict]:
+    """Each (prompt, chosen, rejected) once, the first time it was drawn."""
+    return list({(c["prompt"], c["chosen"], c["rejected"]): c for c in comparisons}.values())
+
+
 def write_comparisons(path: str, comparisons: list[dict], n_prompts: int) -> None:
     """train.jsonl and test.jsonl of `comparisons`, each pair once (annotators do not label the same pair twice;
     measured, the number of distinct pairs is what the reward model's accuracy follows): the pairs of a random
     HELD_OUT of the prompts are the test set, so that no held-out prompt is trained on."""
     held = set(np.random.default_rng(0).permutation(n_prompts)[: int(HELD_OUT * n_prompts)].tolist())
-    distinct = list({(c["prompt"], c["chosen"], c["rejected"]): c for c in comparisons}.values())
+    distinct = distinct_pairs(comparisons)
     os.makedirs(path, exist_ok=True)
     for name, part in (("train.jsonl", [c for c in distinct if c["group"] not in held]),
                        ("test.jsonl", [c for c in distinct if c["group"] in held])):
@@ -233,9 +238,8 @@ def embedded_comparisons(args, policy, tok, rows: list, sampler: sampling.Sample
         comparisons = sample_comparisons(policy, tok, rows, sampler, args.seed)
         if torch.distributed.get_rank() == 0:
             embedded_task.built(path, settings, lambda tmp: write_comparisons(tmp, comparisons, len(rows)))
-            distinct = len({(c["prompt"], c["chosen"], c["rejected"]) for c in comparisons})
-            plumbing.say(f"comparisons: {distinct} distinct pairs ({len(comparisons)} drawn) from {ROUNDS} rounds of "
-                         f"two samples of each of the {len(rows)} training prompts by {args.model} (ties dropped), "
-                         f"in {path}")
+            plumbing.say(f"comparisons: {len(distinct_pairs(comparisons))} distinct pairs ({len(comparisons)} drawn) "
+                         f"from {ROUNDS} rounds of two samples of each of the {len(rows)} training prompts by "
+                         f"{args.model} (ties dropped), in {path}")
     torch.distributed.barrier()
     return path

@@ -414,7 +414,6 @@ def evaluate(run: Run) -> tuple[dict, list[dict]]:
 def build_run(args: Args, rank: int, world: int, device: torch.device) -> Run:
     """The tokenizer, the data and the models of args.algo (sharded), their optimizers, the sampler."""
     mixed = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    torch.manual_seed(args.seed)  # what starts at random (a new scalar head) starts the same in every run of --seed
     from_nothing = args.model == os.path.join(args.out, embedded_task.MODEL_DIR)  # an sft stage of the tiny model
     tok = None if from_nothing else plumbing.load_tokenizer(args.model, "--model", args.chat_template)  # checked first
     data = embedded_task.prepare(args.out, args.seed, from_nothing) if from_nothing or not args.dataset else None
