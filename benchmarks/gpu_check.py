@@ -20,9 +20,9 @@ listed), rollout_logprob_diff in bf16. Results go to OUT/gpu_check.json (rewritt
 short still reports what it did) and OUT/gpu_check.md.
 
     python benchmarks/gpu_check.py --prepare .gpu      (here, once: the tokenizer and the wheels the image lacks)
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl  (on the GPU machine)
-    PYTHONPATH=/tmp/site python3 benchmarks/gpu_check.py --carried .gpu --out $OUT
-    python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check_smoke   (CPU, a tiny config, gloo: the test suite)
+    python3 -m pip install -q --no-index --no-deps --target .gpu/site .gpu/wheels/*.whl  (on the GPU machine)
+    PYTHONPATH=.gpu/site python3 benchmarks/gpu_check.py --carried .gpu --out $OUT
+    python benchmarks/gpu_check.py --smoke --out DIR   (CPU, a tiny config, gloo: the test suite)
 """
 import argparse
 import importlib

@@ -143,6 +143,12 @@ def poll_rss(pid_box: list, peak: list, stop: threading.Event) -> None:
         stop.wait(0.02)
 
 
+def shown_command(cmd: list, work: str) -> str:
+    """The command as a reader can retype it: repository paths relative, the scratch folder written as WORK."""
+    shown = [os.path.relpath(c, REPO) if c.startswith(str(REPO)) else c.replace(work, "WORK") for c in cmd]
+    return " ".join(["OMP_NUM_THREADS=1", "python"] + shown[1:])
+
+
 def run_one(algo: str, micro: int, T: int, model: str, data: str, facts: dict, work: str, log) -> dict:
     out = os.path.join(work, f"run_{algo}_m{micro}_t{T}")
     cmd = [sys.executable, str(REPO / "train.py"), "--algo", algo, "--model", model, "--dataset", data, "--steps", "1",
@@ -167,7 +173,7 @@ def run_one(algo: str, micro: int, T: int, model: str, data: str, facts: dict, w
            "rss_metrics_gib": row["host_peak_rss_gib"], "rss_time_gib": max_rss_kb * 1024 / GIB,
            "rss_polled_gib": peak[0] * 1024 / GIB, "completion_len_mean": row["completion_len_mean"],
            "step_time_s": row["step_time_s"], "phase_s": {k: v for k, v in row.items() if k.startswith("time_")},
-           "command": " ".join(["OMP_NUM_THREADS=1"] + [os.path.relpath(c, REPO) if c.startswith(str(REPO)) else c for c in cmd])}
+           "command": shown_command(cmd, work)}
     res |= {f"pred_{k}": v for k, v in predict(facts, algo, micro, T).items()}
     res["peak_gb"] = max(res["rss_metrics_gib"], res["rss_time_gib"]) * GIB / 1e9
     res["meets_target"] = res["peak_gb"] <= TARGET_GB

@@ -1,6 +1,6 @@
 """Tests for rewards.py. Expected values are worked out by hand here, never copied from the code's output.
 
-Tiers (STYLE.md principle 7): document numbers (Bradley–Terry, 004 "4. The Reward Model"), invariants
+Three tiers: document numbers (Bradley–Terry, 004 "4. The Reward Model"), invariants
 (batched reward-model scores equal one-at-a-time scores, both padding sides), and a table of parsing cases.
 """
 
