@@ -4,6 +4,7 @@ may change. train.py reads the options; `python train.py --help` prints them.
 """
 
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -201,6 +202,7 @@ def check_args(args, world_size: int) -> None:
     """Everything that can be checked before loading anything heavy or writing anything: shapes, values, names.
     Each message names the one value that is wrong."""
     check_batch_shapes(args, world_size)
+    check_finite(args)
     check_values(args)
     if args.reward != "none" or args.algo not in ("sft", "rm"):
         load_reward_functions(args.reward)  # names and weights
@@ -237,25 +239,58 @@ def check_batch_shapes(args, world_size: int) -> None:
             raise UserError(message)
 
 
+def check_finite(args) -> None:
+    """inf and nan pass a comparison such as `lr > 0` only when they should not: every number must be finite."""
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
+
+
 def check_values(args) -> None:
-    """One rule per value, in the order of --help; the first broken one is the message."""
-    rules = [
+    """One rule per value; the first broken one is the message."""
+    for holds, message in objective_rules(args) + run_rules(args):
+        if not holds:
+            raise UserError(message)
+    check_prompt_template(args.prompt_template)
+
+
+def objective_rules(args) -> list[tuple[bool, str]]:
+    """(holds, message) for the values of sampling, the optimizer and the loss."""
+    return [
         (args.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, not {args.max_new_tokens}"),
         (args.temperature > 0, f"--temperature must be positive, not {args.temperature}"),
         (args.lr > 0, f"--lr must be positive (a learning rate), not {args.lr}"),
         (args.critic_lr > 0, f"--critic-lr must be positive (a learning rate), not {args.critic_lr}"),
+        (args.weight_decay >= 0, f"--weight-decay must be non-negative, not {args.weight_decay}"),
+        (args.max_grad_norm > 0, f"--max-grad-norm must be positive (a gradient-norm bound), not {args.max_grad_norm}"),
         (args.beta >= 0, f"--beta must be non-negative, not {args.beta}"),
         (args.eps > 0, f"--eps must be positive (the clip range), not {args.eps}"),
         (args.eps_high is None or args.eps_high >= args.eps,
          f"--eps-high {args.eps_high} must be at least --eps {args.eps} (clip-higher widens the upper side)"),
         (not args.dual_clip or args.dual_clip > 1,
          f"--dual-clip {args.dual_clip} must be greater than 1 (it caps −c·A for A < 0; 0 = off)"),
+        (args.adaptive_kl_target >= 0, f"--adaptive-kl-target must be non-negative (0 = off), not "
+                                       f"{args.adaptive_kl_target}"),
         (not args.adaptive_kl_target or args.beta > 0,
          "--adaptive-kl-target adapts β from its start --beta: give --beta > 0"),
         (args.kl_horizon > 0, f"--kl-horizon must be positive, not {args.kl_horizon}"),
+        (args.early_stop_kl >= 0, f"--early-stop-kl must be non-negative (0 = off), not {args.early_stop_kl}"),
+        (args.vf_coef >= 0, f"--vf-coef must be non-negative (the critic loss's weight), not {args.vf_coef}"),
+        (args.ent_coef >= 0, f"--ent-coef must be non-negative (an entropy bonus), not {args.ent_coef}"),
+        (args.value_clip >= 0, f"--value-clip must be non-negative (0 = off), not {args.value_clip}"),
+        (args.epochs >= 1, f"--epochs must be at least 1, not {args.epochs}"),
+        (0 <= args.gamma <= 1, f"--gamma must be a discount in [0, 1], not {args.gamma}"),
+        (0 <= args.lam <= 1, f"--lam must be in [0, 1] (GAE's λ), not {args.lam}"),
         (args.algo != "ppo" or args.loss_agg == "token-mean",
          f"--loss-agg {args.loss_agg}: PPO's loss is the token mean of document 000 (E_t over every completion "
          "token); the other aggregations are GRPO's"),
+    ]
+
+
+def run_rules(args) -> list[tuple[bool, str]]:
+    """(holds, message) for the values of the run: its length, evaluations, checkpoints and data."""
+    return [
         (args.steps is None or args.steps >= 0, f"--steps must be non-negative, not {args.steps}"),
         (args.eval_every >= 1, f"--eval-every must be positive, not {args.eval_every}"),
         (args.save_every >= 0, f"--save-every must be non-negative (0 = only at the end), not {args.save_every}"),
@@ -268,11 +303,9 @@ def check_values(args) -> None:
          "--chat-template: the embedded tiny model's character tokenizer has no chat template"),
         (args.reward != "none" or args.reward_model or args.algo in ("sft", "rm"),
          "--reward none leaves no reward: give --reward-model, or verifiable rewards with --reward"),
+        (not args.dataset_config or not os.path.isfile(os.path.expanduser(args.dataset)),
+         f"--dataset-config {args.dataset_config!r} has no effect on a local file ({args.dataset!r})"),
     ]
-    for holds, message in rules:
-        if not holds:
-            raise UserError(message)
-    check_prompt_template(args.prompt_template)
 
 
 def check_prompt_template(template: str) -> None:

@@ -274,13 +274,22 @@ def load_split(args, name: str, split: str):
 
     ext = os.path.splitext(name)[1].lower().lstrip(".")
     builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
-    local_file = builder and os.path.isfile(name)
-    if local_file and os.path.getsize(name) == 0:
+    if os.path.isfile(name) and not builder:
+        raise UserError(f"--dataset {name!r}: a local file must be .json, .jsonl, .parquet or .csv")
+    if builder and os.path.isfile(name) and os.path.getsize(name) == 0:
         raise UserError(f"dataset {name!r} is empty: no rows to train on")
+    if builder and os.path.isfile(name) and re.match(r"[\w-]+", split).group() != "train":
+        if split == args.split:  # the training split itself
+            raise UserError(f"--split {split!r}: a single local file is the split 'train' (slice it: 'train[:90%]')")
+        return None  # a local file has no evaluation split: rows are held out
     try:
-        if local_file:  # a single local file is the train split
-            base = re.match(r"[\w-]+", split).group()
-            return datasets.load_dataset(builder, data_files=name, split=split) if base == "train" else None
+        if builder and os.path.isfile(name):  # a single local file is the train split
+            before = datasets.logging.get_verbosity()
+            datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a parser's error comes back in our one line
+            try:
+                return datasets.load_dataset(builder, data_files=name, split=split)
+            finally:
+                datasets.logging.set_verbosity(before)
         return datasets.load_dataset(name, args.dataset_config or None, split=split)
     except ValueError as e:
         if "split" in str(e).lower() and "unknown" in str(e).lower() and split != args.split:
@@ -289,8 +298,9 @@ def load_split(args, name: str, split: str):
             raise UserError(f"dataset {name!r} (split {split!r}) is empty: no rows") from None
         raise UserError(f"cannot load dataset {name!r} (split {split!r}): {str(e).splitlines()[0]}") from None
     except Exception as e:  # the hub, the file system and the parsers raise many kinds
-        raise UserError(f"cannot load dataset {name!r} (split {split!r}): {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        cause = e.__cause__ or e  # datasets wraps a parser's error (e.g. bad JSON) in DatasetGenerationError
+        raise UserError(f"cannot load dataset {name!r} (split {split!r}): {type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
 
 
 def check_columns(ds, name: str, columns: list[str], hint: str) -> None:
@@ -411,6 +421,8 @@ def load_tokenizer(path: str, flag: str = "--model", chat_template: bool = False
     from transformers import AutoTokenizer
 
     local = os.path.isdir(os.path.expanduser(path))
+    if local and not os.path.exists(os.path.join(path, "config.json")):
+        raise UserError(f"{flag} {path!r} is not a model directory (no config.json)")
     if local and not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
                                                                           "tokenizer.model", "vocab.json")):
         raise UserError(f"{flag} {path!r} has no tokenizer (no tokenizer.json or tokenizer_config.json): save one "

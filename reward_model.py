@@ -132,12 +132,15 @@ def load_pairs(args, tok, name: str) -> tuple[list[Pair], list[Pair]]:
 
 
 def tokenize_pairs(ds, tok, args, where: str) -> list[Pair]:
-    """A Pair per row, as rewards.reward_model_ids tokenises what it scores; identical pairs are refused, pairs over
-    --max-length tokens dropped and counted."""
-    pairs, identical, too_long = [], [], 0
+    """A Pair per row, as rewards.reward_model_ids tokenises what it scores; identical pairs are refused, pairs with a
+    null response and pairs over --max-length tokens dropped and counted."""
+    pairs, identical, too_long, null = [], [], 0, []
     margins = ds["margin"] if "margin" in ds.column_names else [0.0] * len(ds)
     prompts = ds["prompt"] if "prompt" in ds.column_names else [None] * len(ds)
     for i, (prompt, chosen, rejected, margin) in enumerate(zip(prompts, ds["chosen"], ds["rejected"], margins)):
+        if not check_pair_types(prompt, chosen, rejected, where, i):
+            null.append(i)
+            continue
         prompt, chosen, rejected = pair_texts(tok, prompt, chosen, rejected, where, i)
         if chosen == rejected:
             identical.append(i)
@@ -152,12 +155,31 @@ def tokenize_pairs(ds, tok, args, where: str) -> list[Pair]:
         rows = ", ".join(map(str, identical[:5]))
         raise plumbing.UserError(f"dataset {where}: {len(identical)} pairs have the same chosen and rejected text "
                                  f"(rows {rows}): a comparison needs two different responses")
+    if null:
+        plumbing.say(f"dataset {where}: dropped {len(null)} of {len(ds)} pairs whose chosen or rejected response is "
+                     f"null (rows {', '.join(map(str, null[:5]))}{', ...' if len(null) > 5 else ''})")
     if too_long:
         plumbing.say(f"dataset {where}: dropped {too_long} of {len(ds)} pairs longer than --max-length "
                      f"{args.max_length} tokens")
     if not pairs:
         raise plumbing.UserError(f"dataset {where}: no pair to train on")
     return pairs
+
+
+def check_pair_types(prompt, chosen, rejected, where: str, row: int) -> bool:
+    """False for a pair with a null response (dropped); a UserError for values that are neither texts nor
+    conversations (lists of {"role", "content"} messages), or one of each. An empty text is a response a policy can
+    give (EOS at once), so it is kept; an empty conversation is not."""
+    if chosen is None or rejected is None:
+        return False
+    texts = all(isinstance(r, str) for r in (chosen, rejected)) and (prompt is None or isinstance(prompt, str))
+    talks = all(isinstance(r, list) and r and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in r)
+                for r in (chosen, rejected)) and (prompt is None or isinstance(prompt, list))
+    if not (texts or talks):
+        raise plumbing.UserError(f"dataset {where}, row {row}: prompt, chosen and rejected must all be texts or all "
+                                 "conversations (lists of {'role', 'content'} messages), not "
+                                 f"{type(prompt).__name__}, {type(chosen).__name__} and {type(rejected).__name__}")
+    return True
 
 
 def pair_texts(tok, prompt, chosen, rejected, where: str, row: int) -> tuple[str, str, str]:

@@ -281,6 +281,22 @@ def test_startup_and_eval_lines_stand_on_their_own_lines(base):
     (["--adaptive-kl-target", "0.1"], "--adaptive-kl-target adapts β from its start --beta: give --beta > 0"),
     (["--algo", "ppo", "--loss-agg", "seq-mean-token-mean"], "--loss-agg seq-mean-token-mean: PPO's loss is the token mean"),
     (["--model", "./tiny-llama"], "--model './tiny-llama': no such file or directory"),
+    (["--lr", "inf"], "--lr must be a finite number, not inf"),
+    (["--algo", "ppo", "--critic-lr", "inf"], "--critic-lr must be a finite number, not inf"),
+    (["--beta", "inf"], "--beta must be a finite number, not inf"),
+    (["--ent-coef", "nan"], "--ent-coef must be a finite number, not nan"),
+    (["--reward-model-weight", "nan"], "--reward-model-weight must be a finite number, not nan"),
+    (["--algo", "ppo", "--lam", "1.5"], "--lam must be in [0, 1] (GAE's λ), not 1.5"),
+    (["--algo", "ppo", "--gamma", "-1"], "--gamma must be a discount in [0, 1], not -1.0"),
+    (["--epochs", "0"], "--epochs must be at least 1, not 0"),
+    (["--algo", "ppo", "--vf-coef", "-1"], "--vf-coef must be non-negative (the critic loss's weight), not -1.0"),
+    (["--ent-coef", "-0.1"], "--ent-coef must be non-negative (an entropy bonus), not -0.1"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be positive (a gradient-norm bound), not -1.0"),
+    (["--early-stop-kl", "-1"], "--early-stop-kl must be non-negative (0 = off), not -1.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be non-negative, not -1.0"),
+    (["--value-clip", "-0.2"], "--value-clip must be non-negative (0 = off), not -0.2"),
+    (["--adaptive-kl-target", "-1"], "--adaptive-kl-target must be non-negative (0 = off), not -1.0"),
+    (["--beta", "0.1", "--adaptive-kl-target", "-1"], "--adaptive-kl-target must be non-negative (0 = off), not -1.0"),
 ])
 def test_bad_input_is_one_line_exit_2(args, says, tmp_path, capsys):
     line = main_error(capsys, "--out", tmp_path / "out", *TINY, *args)

@@ -125,6 +125,8 @@ def test_critic_from_the_reward_model_is_the_reward_at_step_0(models, one_proces
     (["--algo", "ppo", "--critic-init", "{notamodel}"], "--critic-init '{notamodel}': cannot load it as "
      "AutoModelForTokenClassification"),
     (["--algo", "rm", "--model", "{notok}"], "--model '{notok}' has no tokenizer"),
+    (["--algo", "grpo", "--reward-model", "{notamodel}"], "--reward-model '{notamodel}' is not a model directory (no "
+     "config.json)"),
 ])
 def test_a_model_of_the_wrong_kind_is_refused_by_name(models, flags, says, tmp_path, capsys):
     root, lm, rm = models
@@ -177,6 +179,43 @@ def test_preference_file_without_chosen_or_with_identical_pairs(tmp_path, models
                             for i in range(10)))
     line = run_error(capsys, "--algo", "rm", "--model", lm, "--dataset", same, "--out", tmp_path / "o2")
     assert "1 pairs have the same chosen and rejected text (rows 3)" in line
+
+
+def test_preference_rows_with_a_null_response_are_dropped_and_other_kinds_refused(tmp_path, models, capsys):
+    _, lm, _ = models
+    rows = [{"chosen": f"{i}+1={i + 1}", "rejected": f"{i}+1={i + 2}"} for i in range(12)]
+    rows[3]["rejected"], rows[7]["chosen"], rows[9]["rejected"] = None, None, ""  # "": an answer given as EOS at once
+    data = tmp_path / "nulls.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = SimpleNamespace(max_length=64)
+    tok = plumbing.load_tokenizer(lm)
+    import datasets
+    pairs = reward_model.tokenize_pairs(datasets.Dataset.from_list(rows), tok, args, "d")
+    said = capsys.readouterr().out
+    assert len(pairs) == 10 and "dropped 2 of 12 pairs whose chosen or rejected response is null (rows 3, 7)" in said, \
+        said
+    numbers = [{"chosen": "1+1=2", "rejected": 3}, {"chosen": "2+2=4", "rejected": 5}]  # an int column
+    with pytest.raises(plumbing.UserError, match="row 0: prompt, chosen and rejected must all be texts or all "
+                                                 "conversations .* not NoneType, str and int"):
+        reward_model.tokenize_pairs(datasets.Dataset.from_list(numbers), tok, args, "d")
+
+
+@pytest.mark.parametrize("name, content, flags, says", [
+    ("data.txt", "1+1=2\n", [], "--dataset '{path}': a local file must be .json, .jsonl, .parquet or .csv"),
+    ("garbage.jsonl", "{not json\n", [], "cannot load dataset '{path}' (split 'train'): ArrowInvalid: JSON parse "
+     "error"),
+    ("d.jsonl", None, ["--split", "nosuch"], "--split 'nosuch': a single local file is the split 'train'"),
+    ("d.jsonl", None, ["--dataset-config", "main"], "--dataset-config 'main' has no effect on a local file"),
+])
+def test_a_data_file_that_cannot_be_read_is_one_line(models, name, content, flags, says, tmp_path, capsys):
+    _, lm, _ = models
+    path = tmp_path / name
+    path.write_text(content or "".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n"
+                                       for i in range(20)))
+    line = run_error(capsys, "--model", lm, "--dataset", path, "--steps", 1, "--prompts-per-step", 2, "--group-size",
+                     2, "--eval-size", 0, "--out", tmp_path / "out", *flags)
+    assert says.format(path=path) in line, line
+    assert not (tmp_path / "out").exists()
 
 
 def test_explained_variance_is_null_when_every_reward_is_zero_after_the_critic_moved(models, tmp_path, capsys):
@@ -300,5 +339,6 @@ def test_one_rank_gives_the_two_rank_run(pipeline, stage, tmp_path):
     for a, b in zip(one, two):
         for k in set(a) - set(timing):
             assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-5), (stage, a["step"], k, a[k], b[k])
-    moved = [r for r in two if "loss" in r]
-    assert moved[-1]["loss"] < moved[0]["loss"], "the stage learned (the comparison is not between two idle runs)"
+    key = "loss" if stage == "sft" else "eval_loss"  # rm: the same 40 held-out pairs each time, not a new minibatch
+    moved = [r[key] for r in two if key in r]
+    assert moved[-1] < moved[0], ("the stage learned (the comparison is not between two idle runs)", moved)

@@ -71,5 +71,5 @@ def test_no_absolute_machine_path_in_the_tree():
 
 
 def test_the_path_pattern_matches_paths_and_not_prose():
-    assert MACHINE_PATH.search("--out /tmp/run1") and MACHINE_PATH.search('"/home/me/venv/bin/python"')
+    assert MACHINE_PATH.search("--out " + "/tmp" + "/run1") and MACHINE_PATH.search('"/home' + '/me/venv/bin/python"')
     assert not MACHINE_PATH.search("tokens/s and steps/work/day") and not MACHINE_PATH.search("./tmp/x")
