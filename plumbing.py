@@ -274,16 +274,17 @@ def load_split(args, name: str, split: str):
 
     ext = os.path.splitext(name)[1].lower().lstrip(".")
     builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
-    if os.path.isfile(name) and not builder:
+    local_file = os.path.isfile(name)
+    if local_file and not builder:
         raise UserError(f"--dataset {name!r}: a local file must be .json, .jsonl, .parquet or .csv")
-    if builder and os.path.isfile(name) and os.path.getsize(name) == 0:
+    if local_file and os.path.getsize(name) == 0:
         raise UserError(f"dataset {name!r} is empty: no rows to train on")
-    if builder and os.path.isfile(name) and re.match(r"[\w-]+", split).group() != "train":
+    if local_file and re.match(r"[\w-]+", split).group() != "train":
         if split == args.split:  # the training split itself
             raise UserError(f"--split {split!r}: a single local file is the split 'train' (slice it: 'train[:90%]')")
         return None  # a local file has no evaluation split: rows are held out
     try:
-        if builder and os.path.isfile(name):  # a single local file is the train split
+        if local_file:  # a single local file is the train split
             before = datasets.logging.get_verbosity()
             datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a parser's error comes back in our one line
             try:
@@ -356,9 +357,13 @@ def usable_rows(ds, args, where: str) -> list[tuple[str, str]]:
         rows.append((template.format(prompt=str(p)), str(a)))
     if dropped:
         say(f"dataset {where}: dropped {len(dropped)} of {len(ds)} rows whose {args.prompt_column!r} or "
-            f"{args.answer_column!r} is null or empty (rows {', '.join(map(str, dropped[:5]))}"
-            + (", ..." if len(dropped) > 5 else "") + ")")
+            f"{args.answer_column!r} is null or empty (rows {first_rows(dropped)})")
     return rows
+
+
+def first_rows(rows: list[int]) -> str:
+    """'4, 17, 250' — the first five row numbers of a message, then '...'."""
+    return ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
 
 
 def tokenize_prompts(tok, args, rows: list, context: int | None) -> list[PromptRow]:

@@ -157,7 +157,7 @@ def tokenize_pairs(ds, tok, args, where: str) -> list[Pair]:
                                  f"(rows {rows}): a comparison needs two different responses")
     if null:
         plumbing.say(f"dataset {where}: dropped {len(null)} of {len(ds)} pairs whose chosen or rejected response is "
-                     f"null (rows {', '.join(map(str, null[:5]))}{', ...' if len(null) > 5 else ''})")
+                     f"null (rows {plumbing.first_rows(null)})")
     if too_long:
         plumbing.say(f"dataset {where}: dropped {too_long} of {len(ds)} pairs longer than --max-length "
                      f"{args.max_length} tokens")
