@@ -38,9 +38,15 @@ SCORES, G, BETA, ENT_COEF, TEMPERATURE = [1.0, 0.0, 0.2, 0.9, 1.0, 1.0, 0.5, 0.0
 def run(cmd: list[str], tmp: Path, timeout: int = 240, nproc: int = 0) -> subprocess.CompletedProcess:
     """`python CMD` or `torchrun --nproc_per_node NPROC CMD` from the repo root, offline, with a short collective timeout."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               HF_DATASETS_CACHE=str(tmp / "hf_cache"), TRAIN_COLLECTIVE_TIMEOUT_S="60")
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master-port", str(free_port())] if nproc else []
-    p = subprocess.run([sys.executable, *launcher, *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+               HF_DATASETS_CACHE=str(tmp / "hf_cache"), TRAIN_COLLECTIVE_TIMEOUT_S="60", PYTHONFAULTHANDLER="1")
+    for attempt in (1, 2):
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master-port", str(free_port())] if nproc else []
+        p = subprocess.run([sys.executable, *launcher, *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        # Seen once in many suite runs, under load: one gloo rank of this 2-rank worker aborted in C++ (SIGABRT,
+        # "terminate called without an active exception"); not reproduced in 14 reruns, 10 of them beside a busy
+        # core. One retry for that signature only; faulthandler's Python stacks are in the message if it recurs.
+        if p.returncode == 0 or "terminate called without an active exception" not in p.stderr:
+            break
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
     return p
 
