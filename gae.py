@@ -9,15 +9,19 @@ Estimator") and document 004 ("PPO & GRPO for LLM Alignment", section "Generaliz
     R_t = A_t + V(s_t)                                 the critic's regression target (document 000, step 6)
 
 λ = 0 gives the one-step TD error A_t = δ_t; λ = 1 gives the Monte-Carlo return minus the baseline,
-A_t = Σ_k γ^k r_{t+k} − V(s_t). Language-model RL usually takes γ = 1 and λ = 0.95 (document 000); document 004's
-γ ≈ 0.99 leaves 0.99^499 ≈ 0.0066 of a terminal reward 500 tokens away at the first token (README, Errata).
+A_t = Σ_k γ^k r_{t+k} − V(s_t). Which λ holds where: document 000 calls λ = 0.95 typical and its walkthrough uses
+it (tests/test_worked_example.py); the trainer's default is λ = 1 (`--lam`, verl's default): with γ = 1 and a sparse
+terminal reward, A_t = R − V(s_t) uses V only as a baseline, so the policy gradient is unbiased whatever the critic,
+while λ < 1 lowers the variance by trusting V(s_{t+k}), biased while the critic is still learning. compute_gae has
+no default λ, so every caller says which. Document 004's γ ≈ 0.99 leaves 0.99^499 ≈ 0.0066 of a terminal reward
+500 tokens away at the first token (README, Errata).
 
 Shapes: B sequences in the batch, T completion tokens (padded to the longest).
 
 | symbol   | variable      | shape  | meaning                                                   |
 |----------|---------------|--------|-----------------------------------------------------------|
 | r_t      | rewards       | (B, T) | per-token reward (score at the last token, −β·KL shaping)  |
-| V(s_t)   | values        | (B, T) | critic's prediction before token t is emitted; V_φ (000, 002), V_ψ (004) |
+| V(s_t)   | values        | (B, T) | critic's V_ψ before token t is emitted (ψ as in 004; 000, 002 write φ) |
 | m_t      | mask          | (B, T) | 1 for completion tokens, 0 for padding                     |
 | γ, λ     | gamma, lam    | scalar | discount and GAE interpolation                             |
 | δ_t      | deltas        | (B, T) | TD errors                                                  |
@@ -30,9 +34,10 @@ import torch
 
 
 def compute_gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None, gamma: float = 1.0, lam: float = 0.95
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None, *, gamma: float = 1.0, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE advantages and returns for a padded batch; padding never leaks into valid tokens.
+    """GAE advantages and returns for a padded batch; padding never leaks into valid tokens. lam (λ) is required:
+    document 000 takes 0.95, the trainer 1 (module docstring).
 
     The value after a row's last valid token is taken as 0 (the episode ends there: document 000, step 1,
     "shift V left and append 0"). Runs under no_grad: the critic gets its gradient only from the value loss

@@ -147,19 +147,25 @@ def grpo_loss(
     """GRPO's loss: the per-token clipped surrogate plus β·k to the reference, aggregated (document 001, "The loss
     in code").
 
+    Reference form: the trainer computes this in train.py:minibatch_gradients (from the same pieces: it aggregates
+    the surrogate and k apart with the minibatch's global sequence and token counts, then adds β times the second);
+    tests/test_grpo.py::test_grpo_loss_agrees_with_the_trainers_minibatch_gradients checks the two agree.
+
     pg_loss: (B, T) PPO's clipped surrogate with A_i broadcast to every token (document 001 "(b) PPO-clip surrogate"),
     i.e. ppo.clipped_surrogate_loss(logprobs, old_logprobs, A[:, None], ...): one surrogate for both algorithms.
     kl: (B, T) a KL estimate per token, e.g. kl_k3(logprobs, ref_logprobs), or None (no reference).
-    Returns "loss", "policy_loss" (aggregated pg_loss, detached) and "kl" (aggregated k, detached; absent when kl is
-    None or beta == 0). The trainer aggregates the same terms with the minibatch's global counts (train.py,
-    minibatch_gradients).
+    A row whose mask is all 0 (a completion the trainer drops, --mask-truncated) is no rollout: the per-sequence
+    modes divide by the number of rows with a token, as the trainer does. Returns "loss", "policy_loss" (aggregated
+    pg_loss, detached) and "kl" (aggregated k, detached; absent when kl is None or beta == 0).
     """
     mask = mask.to(pg_loss.dtype)  # (B, T)
-    out = {"policy_loss": aggregate_loss(pg_loss.detach(), mask, loss_agg, max_len)}
+    # rows that hold a token: the rollouts the per-sequence means divide by
+    n_seq = float((mask.sum(-1) > 0).sum().clamp(min=1))
+    out = {"policy_loss": aggregate_loss(pg_loss.detach(), mask, loss_agg, max_len, n_seq)}
     per_token = pg_loss  # (B, T)
     if kl is not None and beta != 0.0:
         # ℓ_t = ℓ^CLIP_t + β k_t
         per_token = pg_loss + beta * kl  # (B, T)
-        out["kl"] = aggregate_loss(kl.detach(), mask, loss_agg, max_len)
-    out["loss"] = aggregate_loss(per_token, mask, loss_agg, max_len)
+        out["kl"] = aggregate_loss(kl.detach(), mask, loss_agg, max_len, n_seq)
+    out["loss"] = aggregate_loss(per_token, mask, loss_agg, max_len, n_seq)
     return out

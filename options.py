@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import embedded_task
-from plumbing import UserError, check_hub_reachable, latest_checkpoint, load_reward_functions, read_meta
+from plumbing import (UserError, check_hub_reachable, latest_checkpoint, load_reward_functions, load_tokenizer,
+                      read_meta)
 
 
 def arg(default, help):
@@ -70,7 +71,8 @@ class Args:
                                                   "(gradient of KL(θ‖ref))")
     adaptive_kl_target: float = arg(0.0, "move β each step to keep the logged kl near this (Ziegler et al. 2019); 0 = "
                                          "β stays --beta")
-    kl_horizon: float = arg(10000.0, "H of the adaptive β: β changes by at most ±20% × samples per step / H per step")
+    kl_horizon: float = arg(10000.0, "H of the adaptive β, in samples: a step moves β up by at most 20% × samples per "
+                                      "step / H, down by at most that and never below half (β stays positive)")
     early_stop_kl: float = arg(0.0, "end a step's epochs at the first minibatch whose approx_kl exceeds this; 0 = off")
     eps: float = arg(0.2, "clip range ε of the surrogate: ρ is kept within [1 − ε, 1 + ε_high]")
     eps_high: float | None = arg(None, "upper clip range ε_high (DAPO's clip-higher); unset = --eps")
@@ -215,6 +217,29 @@ def check_args(args, world_size: int) -> None:
             raise UserError(f"{flag} {name!r}: no such file or directory")
         if name and flag != "--dataset":
             check_hub_reachable(flag, name)  # a hub name not in the cache needs the Hub: say now if it is out of reach
+    check_critic_source(args)
+
+
+def check_critic_source(args) -> None:
+    """The critic reads the policy's token ids: a --critic-init checkpoint must share the policy's vocabulary (the
+    same tokenizer, or, without one, the same embedding rows), else its embeddings are the wrong rows."""
+    if args.algo != "ppo" or args.critic_init == "policy":
+        return
+    import transformers
+
+    policy = load_tokenizer(args.model) if args.model else embedded_task.make_char_tokenizer()
+    source = args.critic_init
+    bare = all(not os.path.exists(os.path.join(source, f)) for f in ("tokenizer.json", "tokenizer_config.json")) \
+        and os.path.exists(os.path.join(source, "config.json"))  # a local checkpoint saved without its tokenizer
+    if not bare:  # load_tokenizer names a directory that is not a model
+        same = load_tokenizer(source, "--critic-init").get_vocab() == policy.get_vocab()
+    else:  # the embedding must at least have the policy's rows
+        same = getattr(transformers.AutoConfig.from_pretrained(source), "vocab_size", None) == (
+            transformers.AutoConfig.from_pretrained(args.model).vocab_size if args.model else len(policy))
+    if not same:
+        raise UserError(f"--critic-init {source!r} has another vocabulary than the policy "
+                        f"({args.model or 'the embedded tiny model'}): the critic reads the policy's token ids, so it "
+                        "must come from a model of the same tokenizer (or use --critic-init policy)")
 
 
 def check_batch_shapes(args, world_size: int) -> None:
@@ -333,6 +358,10 @@ def check_stage_options(args) -> None:
             raise UserError(f"--{ignored[0].replace('_', '-')} has no effect with --algo {args.algo} (an RL option)")
     if args.algo != "ppo" and args.critic_init != "policy":
         raise UserError(f"--critic-init: only PPO has a critic (--algo {args.algo})")
+    unread = [n for n in ("reward_model_weight", "reward_model_normalize") if n in given and not args.reward_model]
+    if unread:
+        raise UserError(f"--{unread[0].replace('_', '-')} has no effect without --reward-model (it acts on the reward "
+                        "model's score)")
 
 
 # What a resumed run may change. REFUSED: options that define the experiment (a different run, not a continuation).
@@ -378,8 +407,10 @@ def experiment_changes(saved: dict, args) -> list[str]:
             if value(saved, k) != value(now, k)]
 
 
-def resume_changes(args, saved: dict, step: int) -> list[str]:
-    """One line per announced option that differs from the checkpoint's, e.g. "--lr 0.001 → 0.05 from step 4"."""
+def resume_changes(args, meta: dict, world: int) -> list[str]:
+    """One line per announced option that differs from the checkpoint's (its meta.json), e.g. "--lr 0.001 → 0.05 from
+    step 4"; and one when the number of ranks differs from the run that wrote it."""
+    saved, step = meta["args"], meta["step"]
     unused = ("critic_lr", "vf_coef", "value_clip") if args.algo != "ppo" else ()  # no critic: --lr moves critic_lr
     lines = [f"--{k.replace('_', '-')} {saved.get(k)!r} → {getattr(args, k)!r} from step {step + 1}"
              for k in RESUME_ANNOUNCED if k in saved and k not in unused and saved.get(k) != getattr(args, k)]
@@ -387,6 +418,10 @@ def resume_changes(args, saved: dict, step: int) -> list[str]:
         was = max(0.0, 1 - (step - 1) / saved["steps"])
         lines.append(f"the linear learning-rate decay is re-planned to reach 0 after step {args.steps}: "
                      f"lr × {1 - step / args.steps:.4f} at step {step + 1} (it was × {was:.4f} at step {step})")
+    if meta.get("world", world) != world:
+        lines.append(f"resumed on {world} rank(s) from a checkpoint written by {meta['world']}: the same weights and "
+                     "rows, but sampling noise is drawn per rank and sums reduce in another order, so the run will "
+                     "not repeat the uninterrupted one bit for bit")
     return lines
 
 

@@ -237,17 +237,30 @@ def stop_if_any_rank(error: UserError | None) -> None:
         raise UserError(all_gather_objects(str(error) if rank == first else None)[first])
 
 
-def seed_for(*keys: int) -> int:
+def seed_for(*keys) -> int:
     """A seed derived from (seed, step, rank, ...): every step's randomness is a pure function of its indices,
     so a resumed run replays exactly what the uninterrupted run would have done, with no RNG state to save."""
     return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:7], "little")
 
 
-def rows_for_step(n_rows: int, per_step: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """The --prompts-per-step row indices of a step, drawn by a seed of (seed, step) alone, and this rank's share."""
-    picks = np.random.default_rng(seed_for(seed, step)).choice(n_rows, per_step, replace=n_rows < per_step)
-    rank, world = dist.get_rank(), dist.get_world_size()
+def rows_for_step(n_rows: int, per_step: int, seed: int, step: int, rank: int,
+                  world: int) -> tuple[np.ndarray, np.ndarray]:
+    """The --prompts-per-step row indices of step `step` (1, 2, ...), and this rank's share of them.
+
+    The rows are read in epochs: epoch e is a permutation of all n_rows drawn by a seed of (seed, e), and step s takes
+    positions (s − 1)·per_step … s·per_step − 1 of the epochs laid end to end. So ceil(N / B) steps read every row
+    once (the last of them fills up from the next epoch's permutation), and the draw is a pure function of (seed,
+    step): 1 rank and 2 ranks read the same rows, and a resumed run reads what the uninterrupted one would."""
+    positions = np.arange((step - 1) * per_step, step * per_step)  # (B,) in the epochs laid end to end
+    epochs = positions // n_rows  # (B,)
+    orders = {e: np.random.default_rng(seed_for(seed, "epoch", e)).permutation(n_rows) for e in set(epochs.tolist())}
+    picks = np.array([orders[e][p % n_rows] for e, p in zip(epochs.tolist(), positions.tolist())])  # (B,)
     return picks, picks[rank * per_step // world : (rank + 1) * per_step // world]
+
+
+def epochs_done(step: int, per_step: int, n_rows: int) -> float:
+    """The passes over the data completed at the end of step `step` (logged as `epoch`): 1.0 after one pass."""
+    return step * per_step / n_rows
 
 
 def synchronize(device: torch.device) -> None:
@@ -306,6 +319,9 @@ def load_split(args, name: str, split: str):
 
 def check_columns(ds, name: str, columns: list[str], hint: str) -> None:
     missing = [c for c in columns if c not in ds.column_names]
+    if missing and {"chosen", "rejected"} <= set(ds.column_names) and "chosen" not in columns:
+        raise UserError(f"dataset {name!r} is preference data (columns {ds.column_names}): it trains a reward model, "
+                        "with --algo rm")
     if missing:
         raise UserError(f"dataset {name!r} has no column {missing[0]!r}; its columns are {ds.column_names} ({hint})")
 
@@ -511,7 +527,7 @@ def load_model(spec: ModelSpec, device: torch.device, mixed: bool):
 def load_full_model(spec: ModelSpec):
     """The whole model in host memory, with transformers' loading report checked: weights the checkpoint lacks are
     allowed only for a new scalar head where the role makes one (the critic from a causal LM: zeros, V ≡ 0 at first,
-    document 004 "Initialization"; a reward model from a causal LM: N(0, 1/(H+1)), OpenRLHF's, mean reward ≈ 0).
+    document 004 "Initialization"; a reward model from a causal LM: N(0, 1/(H+1)), mean reward ≈ 0: init_head).
     Anything else missing (a causal LM's LM head, a reward model's score head) would start random: refused."""
     import transformers
 
@@ -539,19 +555,48 @@ def load_full_model(spec: ModelSpec):
         a, b = spec.head_affine  # head(h) → a·head(h) + b, exactly: w ← a·w, bias ← a·bias + b
         getattr(model, head).weight.data.mul_(a)
         getattr(model, head).bias.data.mul_(a).add_(b)
-    model.loaded_head = "new" if new_head else "checkpoint"  # for the start-up line
     return model
 
 
 def init_head(head: torch.nn.Linear, init: str, weight: bool) -> None:
-    """A new scalar head: its weight when the checkpoint lacks it (zeros, or N(0, 1/(H+1)): the score starts near 0
-    with a spread of about one unit, OpenRLHF's reward-model head); its bias, if it has one, at 0 either way."""
+    """A new scalar head: its weight when the checkpoint lacks it (zeros, or N(0, 1/(H+1)), variance 1/(H+1)); its bias,
+    if it has one, at 0 either way. With hidden states of norm about √H (RMS-normalised), the first scores then centre
+    on 0 with a spread of about one unit. OpenRLHF draws its head with std 1/(H+1), not 1/√(H+1): a spread of about
+    1/√H. The unit spread is this project's choice, and every reward-model figure in the README was measured with it."""
     if weight and init == "zeros":
         torch.nn.init.zeros_(head.weight)
     elif weight:
         torch.nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
     if head.bias is not None:
         torch.nn.init.zeros_(head.bias)
+
+
+def critic_head_affine(weight: float, norm: tuple[float, float] | None) -> tuple[float, float]:
+    """(a, b) for a critic started from the reward model that scores the run: its head then computes a·r_φ + b, the
+    reward as score() adds it, w·(r_φ − mean)/std with the stored statistics (w·r_φ without them), so that at step 0
+    V_ψ(s) at the last real token equals R. Applied to the loaded head in load_full_model (ModelSpec.head_affine)."""
+    if norm is None:
+        return weight, 0.0
+    mean, std = norm
+    return weight / std, -weight * mean / std
+
+
+def same_checkpoint(a: str, b: str) -> bool:
+    """Whether two --model-like names are one checkpoint: local paths compared after resolving them (./out/rm/hf/ is
+    out/rm/hf), hub names as they are written."""
+    local = [os.path.exists(os.path.expanduser(p)) for p in (a, b)]
+    if all(local):
+        return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+    return a == b
+
+
+def has_scalar_head(path: str) -> bool:
+    """Whether the checkpoint at `path` is a reward model or a critic (a *ForSequenceClassification or
+    *ForTokenClassification): a critic loaded from it carries its scalar head over; from a causal LM the head is new."""
+    import transformers
+
+    kind = (transformers.AutoConfig.from_pretrained(path).architectures or ["?"])[0]
+    return kind.endswith(("ForSequenceClassification", "ForTokenClassification"))
 
 
 BLOCKS_FROM = 50_000_000  # parameters from which each transformer block is its own FSDP2 unit
@@ -600,11 +645,14 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
 
 
 def reward_model_stats(path: str) -> tuple[float, float] | None:
-    """(mean, std) of a reward model's scores on its held-out pairs, stored in its config by --algo rm; else None."""
+    """(mean, std) of a reward model's scores on held-out pairs, stored in its config: `reward_mean`/`reward_std` by
+    --algo rm, or `mean`/`std` by OpenRLHF's train_rm. A checkpoint with neither (or std ≤ 0) returns None: its score
+    is used raw, and the start-up line says "reward-model scale raw"."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path)
-    mean, std = getattr(config, "reward_mean", None), getattr(config, "reward_std", None)
+    mean = getattr(config, "reward_mean", getattr(config, "mean", None))
+    std = getattr(config, "reward_std", getattr(config, "std", None))
     return (float(mean), float(std)) if mean is not None and std and std > 0 else None
 
 

@@ -8,11 +8,12 @@ objective for RLHF").
 
     ρ_t   = π_θ(a_t|s_t) / π_θold(a_t|s_t) = exp(log π_θ − log π_θold)                       importance ratio
     L^CLIP_t = −min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)                                        per-token policy loss
-    L^V_t = (V_φ(s_t) − R_t)²,   R_t = A_t + V_φold(s_t)                                     per-token critic loss
+    L^V_t = (V_ψ(s_t) − R_t)²,   R_t = A_t + V_ψold(s_t)                                     per-token critic loss
     H_t   = −Σ_a π_θ(a|s_t) log π_θ(a|s_t)                                                   per-token entropy
     r_t   = −β (log π_θ(a_t|s_t) − log π_ref(a_t|s_t))  (+ reward-model score at the last token)   KL shaping
     L     = mean_t L^CLIP_t + c_v·mean_t L^V_t − c_h·mean_t H_t  (−J_PPO + c_v·L_V − c_h·H)    composite loss
-    stop the epochs when approx_kl > KL_target, or β_{t+1} = β_t·(1 + K_β·clip(KL_t/KL_target − 1, ±0.2))    KL control
+    stop the epochs when approx_kl > KL_target, or β_{t+1} = β_t·max(1 + (n/H)·e_t, ½),                KL control
+        e_t = clip(KL_t/KL_target − 1, −0.2, 0.2)
 
 Document 000's walkthrough misses an active clip at token 3 (its printed L_PPO and L drop it): README.md, "Errata in the
 documents"; tests/test_worked_example.py pins the clipped values.
@@ -26,7 +27,7 @@ Shapes: B sequences, T completion tokens, V vocabulary.
 | log π_θold    | old_logprobs      | (B, T)    | the same under the rollout policy                          |
 | log π_ref     | ref_logprobs      | (B, T)    | the same under the frozen reference                        |
 | A_t           | advantages        | (B, T)    | GAE advantages (gae.py) or a broadcast group advantage     |
-| V_φ, V_φold   | values, old_values| (B, T)    | critic predictions now and at rollout time (V_ψ in 004)    |
+| V_ψ, V_ψold   | values, old_values| (B, T)    | critic now and at rollout time (ψ as in 004; 000, 002 write φ) |
 | R_t           | returns           | (B, T)    | value targets                                              |
 | m_t           | mask              | (B, T)    | 1 for completion tokens                                    |
 | ε, ε_high    | eps, eps_high     | scalar    | clip range 1−ε … 1+ε_high (DAPO's clip-higher: ε_high > ε) |
@@ -91,7 +92,7 @@ def value_loss(
     """
     if clip is not None and old_values is None:
         raise ValueError("value_loss: value clipping (clip set) needs old_values, the rollout-time predictions")
-    # L^V_t = (V_φ(s_t) − R_t)²
+    # L^V_t = (V_ψ(s_t) − R_t)²
     loss = (values - returns) ** 2  # (B, T)
     if clip is not None:
         # V_clip = V_old + clip(V − V_old, −c, c)
@@ -101,7 +102,12 @@ def value_loss(
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Exact per-token entropy H = −Σ_a p log p = logsumexp(z) − Σ_a p·z, from logits (B, T, V) → (B, T)."""
+    """Exact per-token entropy H = −Σ_a p log p = logsumexp(z) − Σ_a p·z, from logits (B, T, V) → (B, T).
+
+    Reference form: the trainer computes this in logprobs.py:TokenLogprobs (H of softmax(z/τ), from the same forward
+    pass and chunked softmax as log π, so pass logits / τ here to compare);
+    tests/test_ppo.py::test_entropy_from_logits_agrees_with_the_trainers_token_logprobs checks the two agree.
+    """
     p = torch.softmax(logits, dim=-1)  # (B, T, V)
     # H = log Σ_a e^{z_a} − Σ_a p_a z_a
     return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)  # (B, T)
@@ -199,8 +205,10 @@ def ppo_loss(
     Complete PPO Objective"), from the three terms already averaged over tokens: policy_loss = mean_t L^CLIP_t
     (−J_PPO), value_loss = mean_t L^V_t, entropy = mean_t H_t. Document 000 uses c_v ≈ 0.5, c_h ≈ 0.01.
 
-    One backward through L updates policy and critic together. The trainer differentiates it in two parts instead,
-    the policy's terms then c_v·L_V (train.py, minibatch_gradients): the same gradients, one graph alive at a time.
+    Reference form: the trainer computes this in train.py:minibatch_gradients (a backward of the policy's terms
+    −J_PPO − c_h·H, then a second backward of c_v·L_V on the critic's own graph; ppo_loss there only gives the logged
+    `loss`): the same gradients as one backward through L, one graph alive at a time;
+    tests/test_ppo.py::test_ppo_loss_agrees_with_the_trainers_two_backward_passes checks the two agree.
     """
     # L = −J_PPO + c_v·L_V − c_h·H
     return policy_loss + vf_coef * value_loss - ent_coef * entropy  # ()
@@ -216,16 +224,26 @@ def kl_early_stop(approx_kl: float, target_kl: float | None) -> bool:
     return target_kl is not None and approx_kl > target_kl
 
 
-def adaptive_kl_beta(beta: float, kl: float, kl_target: float, horizon: float, n_samples: int) -> float:
-    """One step of the proportional β controller of Ziegler et al. 2019 (document 002: "adapt β to keep it in range").
+def adaptive_kl_beta(
+    beta: float, kl: float, kl_target: float, horizon: float, n_samples: int, min_factor: float = 0.5
+) -> float:
+    """One step of the proportional β controller of Ziegler et al. 2019 (document 002: "adapt β to keep it in range"),
+    its factor bounded below by min_factor so that β stays positive.
 
-    "Fine-Tuning Language Models from Human Preferences", the controller behind InstructGPT, in their code's form:
-    K_β = n_samples / horizon for a step of n_samples samples over a horizon H. Their KL_t is per sequence (summed
-    over tokens); the trainer feeds its logged per-token mean `kl` with a per-token target: the formula is the same.
+    "Fine-Tuning Language Models from Human Preferences", the controller behind InstructGPT, in their code's form (TRL
+    and verl share it): e = clip(KL/KL_target − 1, ±0.2), β ← β·(1 + K_β e), K_β = n/H for n samples a step over a
+    horizon H. For e = −0.2 the factor is 1 − n/(5H): 0 at the boundary n = 5H and negative beyond it, where a KL far
+    below target flips β's sign (β = 0.5, n = 128, H = 10 reached −1588 in 8 steps) and the penalty becomes a bonus
+    for leaving π_ref. Here the factor is max(1 + K_β e, min_factor), 1/2 by default, so β at most halves in a step:
+    the linear form exactly whenever 1 + K_β e ≥ min_factor (always when n ≤ 2.5H, as |e| ≤ 0.2); at n = 5H the
+    linear factor spans [0, 2] and the floor 1/2 undoes one full step up. After k steps β ≥ β_0·min_factor^k > 0.
+    Their KL_t is per sequence (summed over tokens); the trainer feeds its logged per-token mean `kl` with a
+    per-token target: the formula is the same.
     """
-    if kl_target <= 0 or horizon <= 0:
-        raise ValueError(f"adaptive KL needs kl_target > 0 and horizon > 0, got {kl_target}, {horizon}")
+    if kl_target <= 0 or horizon <= 0 or not 0 < min_factor <= 1:
+        raise ValueError(f"adaptive KL needs kl_target > 0, horizon > 0 and 0 < min_factor <= 1, got {kl_target}, "
+                         f"{horizon}, {min_factor}")
     # e_t = clip(KL_t / KL_target − 1, −0.2, 0.2)
     error = min(max(kl / kl_target - 1.0, -0.2), 0.2)
-    # β_{t+1} = β_t (1 + K_β e_t),  K_β = n / H
-    return beta * (1.0 + n_samples / horizon * error)
+    # β_{t+1} = β_t · max(1 + K_β e_t, min_factor),  K_β = n / H
+    return beta * max(1.0 + n_samples / horizon * error, min_factor)

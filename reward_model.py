@@ -63,10 +63,12 @@ def pair_scores(run, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rm_step(run, step: int) -> dict:
-    """One optimizer step on --prompts-per-step pairs drawn by a seed of (seed, step); gradients accumulate over
-    micro-batches, and the loss divides by the whole batch's pair count. Returns the logged row."""
+    """One optimizer step on --prompts-per-step pairs, the step's slice of the epochs (plumbing.rows_for_step);
+    gradients accumulate over micro-batches, and the loss divides by the whole batch's pair count. Returns the logged
+    row."""
     args, timer = run.args, plumbing.StepTimer(run.device)
-    _, mine = plumbing.rows_for_step(len(run.train_rows), args.prompts_per_step, args.seed, step)
+    _, mine = plumbing.rows_for_step(len(run.train_rows), args.prompts_per_step, args.seed, step, run.rank,
+                                     run.world)
     pairs = [run.train_rows[i] for i in mine]
     n_pairs = args.prompts_per_step / run.world  # the global count / world size: FSDP averages the gradients
     sums = dict.fromkeys(("loss", "pair_accuracy", "margin", "chosen_reward_mean", "rejected_reward_mean"), 0.0)

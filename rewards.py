@@ -189,14 +189,25 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
 
 
 def combined_reward(completion: str | None, answer: str | None, spec: str | Sequence[tuple[str, float]]) -> float:
-    """Weighted sum of the named rewards; `spec` is a string for parse_reward_spec or its parsed list."""
+    """Weighted sum of the named rewards; `spec` is a string for parse_reward_spec or its parsed list.
+
+    Reference form: the trainer computes this in plumbing.py:apply_rewards (Σ_k w_k·fn_k over the functions that
+    plumbing.load_reward_functions builds from --reward, module:function terms included, each call guarded so that a
+    reward that raises is named); tests/test_rewards.py::test_rule_based_rewards_agree_with_plumbing_apply_rewards
+    checks the two agree.
+    """
     terms = parse_reward_spec(spec) if isinstance(spec, str) else spec
     # R(y, y*) = Σ_k w_k R_k(y, y*)
     return float(sum(weight * REWARD_FUNCTIONS[name](completion, answer) for name, weight in terms))
 
 
 def rule_based_rewards(completions: Sequence[str], answers: Sequence[str], spec: str) -> torch.Tensor:
-    """combined_reward for a batch of B completions, as the float32 tensor the advantage code consumes."""
+    """combined_reward for a batch of B completions, as the float32 tensor the advantage code consumes.
+
+    Reference form: the trainer computes this in plumbing.py:apply_rewards (the same sum, accumulated in a float32
+    tensor, reward by reward); tests/test_rewards.py::test_rule_based_rewards_agree_with_plumbing_apply_rewards
+    checks the two agree.
+    """
     terms = parse_reward_spec(spec)  # parse once, fail before scoring anything
     rewards = [combined_reward(c, a, terms) for c, a in zip(completions, answers, strict=True)]
     return torch.tensor(rewards, dtype=torch.float32)  # (B,)

@@ -66,10 +66,12 @@ def batch_tensors(examples: list[Example], pad_id: int, device) -> tuple[torch.T
 
 
 def sft_step(run, step: int) -> dict:
-    """One optimizer step on --prompts-per-step rows drawn by a seed of (seed, step): gradients accumulate over
-    micro-batches, every mean divides by the whole batch's response-token count. Returns the logged row."""
+    """One optimizer step on --prompts-per-step rows, the step's slice of the epochs (plumbing.rows_for_step):
+    gradients accumulate over micro-batches, every mean divides by the whole batch's response-token count. Returns
+    the logged row."""
     args, timer = run.args, plumbing.StepTimer(run.device)
-    _, mine = plumbing.rows_for_step(len(run.train_rows), args.prompts_per_step, args.seed, step)
+    _, mine = plumbing.rows_for_step(len(run.train_rows), args.prompts_per_step, args.seed, step, run.rank,
+                                     run.world)
     examples = [run.train_rows[i] for i in mine]
     n_tok = plumbing.global_sum(sum(len(e.response_ids) for e in examples))[0] / run.world
     loss_sum, correct_sum = 0.0, 0.0

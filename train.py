@@ -8,7 +8,7 @@ model, then PPO or GRPO; one loop, one process or many, CPU or GPU, FSDP2 throug
 
 The RL step reads as documents 002 ("Implementation and Training Loop") and 004 ("PPO training loop: one iteration")
 write it: sample G completions per prompt under π_θold → score them → log-probs under π_θold and π_ref, values under
-V_φold → advantages → epochs × minibatches of clipped-surrogate steps. The math lives in gae.py, ppo.py, grpo.py,
+V_ψold → advantages → epochs × minibatches of clipped-surrogate steps. The math lives in gae.py, ppo.py, grpo.py,
 rewards.py and logprobs.py; every option in options.py; torchrun/FSDP2, loading and checkpoints in plumbing.py; how
 completions are drawn in sampling.py; the offline default task in embedded_task.py.
 
@@ -77,9 +77,9 @@ class Rollout:
     gold_scores: torch.Tensor | None = None  # (B,) the verifiable reward, logged beside a learned one, never trained on
     old_logprobs: torch.Tensor | None = None  # (B, T) log π_θold
     ref_logprobs: torch.Tensor | None = None  # (B, T) log π_ref
-    old_values: torch.Tensor | None = None  # (B, T) V_φold(s_t)
+    old_values: torch.Tensor | None = None  # (B, T) V_ψold(s_t)
     advantages: torch.Tensor | None = None  # (B,) GRPO's A_i or (B, T) PPO's whitened GAE A_t
-    returns: torch.Tensor | None = None  # (B, T) PPO's value targets R_t = A_t + V_φold(s_t)
+    returns: torch.Tensor | None = None  # (B, T) PPO's value targets R_t = A_t + V_ψold(s_t)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -114,7 +114,7 @@ class Run:
     base_lr: dict  # each optimizer's learning rate before the schedule
     policy: torch.nn.Module | None = None  # π_θ (sft, grpo, ppo)
     ref: torch.nn.Module | None = None  # π_ref, frozen, in the compute dtype (grpo, ppo with β > 0)
-    critic: torch.nn.Module | None = None  # V_φ (ppo)
+    critic: torch.nn.Module | None = None  # V_ψ (ppo)
     reward_model: torch.nn.Module | None = None  # r_φ: the one trained (rm), or frozen (--reward-model)
     rm_tok: object = None  # the frozen reward model's tokenizer
     rm_norm: tuple[float, float] | None = None  # (mean, std) the frozen reward model's score is standardised with
@@ -136,58 +136,82 @@ SHOWN = {"sft": ("loss", "token_accuracy"), "rm": ("loss", "pair_accuracy"), "gr
          "ppo": ("reward_mean", "kl")}  # on the progress bar
 
 
-def train(run: Run, start: int, metrics: plumbing.MetricsLog, reached: bool = False) -> None:
+def train(run: Run, start: int, metrics: plumbing.MetricsLog, reached: bool = False) -> tuple[int, dict | None]:
     """Steps start+1 … --steps of the stage; evaluation at step 0 and every --eval-every steps; a checkpoint and an
     export every --save-every steps and at the end. The sft stage ends at the first evaluation whose eval_accuracy
-    reaches --sft-target (reached: it already has, in the checkpoint resumed)."""
+    reaches --sft-target (reached: it already has, in the checkpoint resumed). Returns the last step and the last
+    evaluation's row (None when none ran)."""
     from tqdm import tqdm
 
-    args = run.args
+    args, evaluation = run.args, None
     step_fn, evaluate_fn = {"sft": (sft.sft_step, evaluate), "rm": (reward_model.rm_step, reward_model.evaluate),
                             "grpo": (rl_step, evaluate), "ppo": (rl_step, evaluate)}[args.algo]  # one step, one eval
     if start == 0 and args.eval_size:
-        reached = log_evaluation(run, 0, metrics, evaluate_fn)
+        evaluation = log_evaluation(run, 0, metrics, evaluate_fn)
+        reached = target_reached(args, evaluation)
         if reached:
-            return save(run, 0, reached)
+            save(run, 0, reached)
+            return 0, evaluation
     if reached or start >= args.steps:
         why = " (--sft-target reached)" if reached else f" (--steps {args.steps}): nothing to do; a larger --steps " \
                                                          "with --resume extends it"
         plumbing.say(f"the run in {args.out} is already complete at step {start}{why}")
-        return
+        return start, evaluation
     bar = tqdm(range(start + 1, args.steps + 1), disable=run.rank != 0, desc=args.algo, dynamic_ncols=True)
     for step in bar:
         lr = plumbing.set_learning_rates(run.trained(), run.base_lr, step, args.steps, args.lr_schedule)
-        row = step_fn(run, step) | {"lr": lr}
+        row = step_fn(run, step) | {"lr": lr, "epoch": plumbing.epochs_done(step, args.prompts_per_step,
+                                                                             len(run.train_rows))}
         metrics.write({"step": step} | row)
         bar.set_postfix({k: "-" if row.get(k) is None else f"{row[k]:.3f}" for k in SHOWN[args.algo]})
         if args.adaptive_kl_target and row.get("kl") is not None:  # β for the next step (Ziegler et al. 2019)
             run.beta = ppo.adaptive_kl_beta(run.beta, row["kl"], args.adaptive_kl_target, args.kl_horizon,
                                             args.prompts_per_step * args.group_size)
         if args.eval_size and (step % args.eval_every == 0 or step == args.steps):
-            reached = log_evaluation(run, step, metrics, evaluate_fn)
+            evaluation = log_evaluation(run, step, metrics, evaluate_fn)
+            reached = target_reached(args, evaluation)
         if reached or (args.save_every and step % args.save_every == 0) or step == args.steps:
             save(run, step, reached)
         if reached:
             break
     bar.close()
+    return step, evaluation
 
 
-def log_evaluation(run: Run, step: int, metrics: plumbing.MetricsLog, evaluate_fn) -> bool:
+def log_evaluation(run: Run, step: int, metrics: plumbing.MetricsLog, evaluate_fn) -> dict:
     """Collective: one evaluation, its row in metrics.jsonl and a line; its greedy completions in
-    eval_completions.jsonl. Returns whether the sft stage reached --sft-target."""
+    eval_completions.jsonl. Returns the row."""
     row, samples = evaluate_fn(run)
     metrics.write({"step": step} | row)
     name = next(iter(row))  # eval_accuracy, or eval_pair_accuracy for rm
     plumbing.say(f"step {step} {name} {row[name]:.3f} (of {row['eval_n']})")
     if run.rank == 0 and samples:
         plumbing.write_jsonl(os.path.join(run.args.out, "eval_completions.jsonl"), samples)
-    return run.args.algo == "sft" and 0 < run.args.sft_target <= row["eval_accuracy"]
+    return row
+
+
+def target_reached(args: Args, evaluation: dict) -> bool:
+    """Whether the sft stage's evaluation reached --sft-target (0 = never: the stage runs its --steps)."""
+    return args.algo == "sft" and 0 < args.sft_target <= evaluation["eval_accuracy"]
+
+
+def finished_line(run: Run, step: int, evaluation: dict | None) -> str:
+    """The stage's last line: where it stopped, what its last evaluation reached, where its model and checkpoint are."""
+    args = run.args
+    line = f"{args.algo} finished at step {step}"
+    if evaluation:
+        name = next(iter(evaluation))
+        line += f": {name} {evaluation[name]:.3f}" + (f" (--sft-target {args.sft_target} reached)"
+                                                       if target_reached(args, evaluation) else "")
+    saved = plumbing.latest_checkpoint(args.out)
+    return line + (f"; model in {os.path.join(args.out, 'hf')}" if args.export else "") + f"; checkpoint {saved}"
 
 
 def save(run: Run, step: int, reached: bool) -> None:
     """Collective: a checkpoint (models, optimizers, β, whether --sft-target was reached) and the export to OUT/hf:
     the policy, or the reward model with its held-out scores' mean and std in its config."""
-    plumbing.save_checkpoint(run.args, step, run.trained(), {"beta": run.beta, "reached_target": reached})
+    plumbing.save_checkpoint(run.args, step, run.trained(), {"beta": run.beta, "reached_target": reached,
+                                                            "world": run.world})
     if not run.args.export:
         return
     if run.args.algo == "rm":
@@ -211,7 +235,7 @@ def rl_step(run: Run, step: int) -> dict:
     # 2. score them: R_i = Σ_k w_k·reward_k(completion_i, answer_i) + w·r_φ(prompt_i + completion_i)
     batch.scores, batch.gold_scores = score(run, batch, step)  # (B,), (B,) or None
     timer.lap("score")
-    # 3. log π_θold, log π_ref and V_φold(s_t) of every sampled token, without gradient
+    # 3. log π_θold, log π_ref and V_ψold(s_t) of every sampled token, without gradient
     with torch.no_grad():
         batch.old_logprobs = token_logprobs(run, run.policy, batch)  # (B, T)
         batch.ref_logprobs = token_logprobs(run, run.ref, batch) if run.ref is not None else None  # (B, T)
@@ -234,8 +258,9 @@ def rl_step(run: Run, step: int) -> dict:
 
 
 def prompts_for_step(run: Run, step: int) -> list:
-    """This rank's share of --prompts-per-step rows, drawn by a seed that depends on the step only."""
-    _, mine = plumbing.rows_for_step(len(run.train_rows), run.args.prompts_per_step, run.args.seed, step)
+    """This rank's share of the step's --prompts-per-step rows: a slice of the epochs (plumbing.rows_for_step)."""
+    args = run.args
+    _, mine = plumbing.rows_for_step(len(run.train_rows), args.prompts_per_step, args.seed, step, run.rank, run.world)
     return [run.train_rows[i] for i in mine]
 
 
@@ -357,7 +382,7 @@ def minibatch_gradients(run: Run, mini: Rollout) -> dict:
             loss = loss + run.beta * terms["kl_loss"]
         loss.backward()  # the policy's graph is freed here, before the critic's forward
         terms["loss"] = loss
-        if run.critic is not None:  # + c_v·L_V on the critic's own graph: L_V = E_t[(V_φ(s_t) − R_t)²]
+        if run.critic is not None:  # + c_v·L_V on the critic's own graph: L_V = E_t[(V_ψ(s_t) − R_t)²]
             values = critic_values(run.critic, part)  # (b, T)
             l_v = ppo.value_loss(values, part.returns, part.old_values, args.value_clip or None)  # (b, T)
             terms["value_loss"] = ppo.masked_mean(l_v, mask, n_tok)
@@ -459,13 +484,12 @@ def load_rl_models(run: Run, mixed: bool) -> dict:
         run.reward_model.requires_grad_(False)
     if args.algo == "ppo":
         from_rm = args.critic_init != "policy"
-        # from a reward model, the head computes r_φ, standardised and weighted as score() uses it: V = R at first
-        a, b = (args.reward_model_weight, 0.0) if from_rm else (1.0, 0.0)
-        if from_rm and args.reward_model and args.critic_init == args.reward_model and run.rm_norm is not None:
-            a, b = a / run.rm_norm[1], -a * run.rm_norm[0] / run.rm_norm[1]
+        # from the reward model that scores the run, the head computes r_φ as score() adds it: V = R at step 0
+        scores_run = from_rm and args.reward_model and plumbing.same_checkpoint(args.critic_init, args.reward_model)
+        affine = plumbing.critic_head_affine(args.reward_model_weight, run.rm_norm) if scores_run else None
         spec = plumbing.ModelSpec("critic", args.critic_init if from_rm else args.model,
                                   "--critic-init" if from_rm else "--model", checkpointing=args.gradient_checkpointing,
-                                  head_affine=(a, b) if from_rm else None)
+                                  head_affine=affine)
         run.critic, shapes["critic"], _ = plumbing.load_model(spec, run.device, mixed)
     return shapes
 
@@ -509,13 +533,15 @@ def run_stage(args: Args, rank: int, world: int, device: torch.device, warm: boo
             warm_start(args, rank, world, device)
         run = build_run(args, rank, world, device)
         meta = plumbing.load_checkpoint(args, run.trained()) if args.resume else {"step": 0, "beta": args.beta}
-        for line in options.resume_changes(args, meta["args"], meta["step"]) if args.resume else []:
+        for line in options.resume_changes(args, meta, run.world) if args.resume else []:
             plumbing.say(line)
-        run.beta = float(meta.get("beta", args.beta))
+        # β: the adaptive controller's state resumes from the checkpoint; a fixed --beta is what this command says
+        run.beta = float(meta["beta"]) if args.resume and args.adaptive_kl_target else args.beta
         resumed = meta["step"] if args.resume else None
         metrics = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resumed)
         plumbing.say(startup_line(run))
-        train(run, int(meta["step"]), metrics, reached=bool(meta.get("reached_target")))
+        step, evaluation = train(run, int(meta["step"]), metrics, reached=bool(meta.get("reached_target")))
+        plumbing.say(finished_line(run, step, evaluation))
     except UserError:
         plumbing.release_out(args.out, lock, created)
         raise
@@ -532,13 +558,28 @@ def startup_line(run: Run) -> str:
                         ("reward model", run.reward_model)) if m is not None)
     settings = {"steps": args.steps, "lr": args.lr, "micro-batch": args.micro_batch_size, "dtype": args.dtype}
     if args.algo in ("grpo", "ppo"):
-        settings |= {"c_h": args.ent_coef, "β": args.beta, "minibatch": args.minibatch_size}
-        settings |= {"critic lr": args.critic_lr, "critic from": args.critic_init} if args.algo == "ppo" else {}
+        settings |= {"c_h": args.ent_coef, "β": run.beta, "minibatch": args.minibatch_size}
+        settings |= {"critic lr": args.critic_lr, "critic from": critic_origin(run)} if args.algo == "ppo" else {}
         settings |= {"reward-model scale": run.rm_norm or "raw"} if run.reward_model is not None else {}
+        if run.rm_tok is not None and run.rm_tok.get_vocab() != run.tok.get_vocab():
+            settings |= {"reward model reads": "its own tokenizer (each completion decoded, then re-tokenized)"}
     if args.algo == "sft":
         settings |= {"sft-target": args.sft_target, "eval-every": args.eval_every}
+    shown = lambda v: f"{v:.6g}" if isinstance(v, float) else v  # noqa: E731  (5e-06, not 4.9999999999999996e-06)
     return (f"{args.algo} | {run.world} rank(s) on {run.device.type} | {models} | {len(run.train_rows)} train / "
-            f"{len(run.eval_rows)} eval rows | " + ", ".join(f"{k} {v}" for k, v in settings.items()))
+            f"{len(run.eval_rows)} eval rows | " + ", ".join(f"{k} {shown(v)}" for k, v in settings.items()))
+
+
+def critic_origin(run: Run) -> str:
+    """Where PPO's critic started and how its scalar head did, for the start-up line."""
+    args = run.args
+    if args.critic_init == "policy":
+        return "policy (new head at 0: V = 0 at first)"
+    if not plumbing.has_scalar_head(args.critic_init):
+        return f"{args.critic_init} (a causal LM: new head at 0, V = 0 at first)"
+    if args.reward_model and plumbing.same_checkpoint(args.critic_init, args.reward_model):
+        return f"{args.critic_init} (head carried over, scaled as the reward is: V = R at first)"
+    return f"{args.critic_init} (head carried over, its raw score: not the reward model that scores the run)"
 
 
 def warm_start(args: Args, rank: int, world: int, device: torch.device) -> None:
@@ -559,6 +600,13 @@ def warm_start(args: Args, rank: int, world: int, device: torch.device) -> None:
     plumbing.say(f"warm start: the sft stage, as `train.py --algo sft --out {sft_args.out} --seed {args.seed} --steps "
                  f"{args.sft_steps} --sft-target {sft_args.sft_target}`" + (" (resumed)" if saved else ""))
     run_stage(sft_args, rank, world, device)
+
+
+def interrupted_line(out: str | None) -> str:
+    """What an interrupted run leaves: its newest complete checkpoint (a save cut short stays .partial, unread)."""
+    saved = plumbing.latest_checkpoint(out) if out else None
+    return "interrupted: " + (f"the newest complete checkpoint is {saved}; the same command with --resume continues "
+                              "from it" if saved else "no checkpoint was written yet; nothing to resume")
 
 
 def main(argv=None) -> int:
@@ -587,6 +635,10 @@ def main(argv=None) -> int:
 
             tqdm.write("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # below any progress bar
             sys.stderr.flush()
+    except KeyboardInterrupt:  # Ctrl-C; under torchrun the agent passes SIGINT on to every worker
+        code = 130
+        if rank == 0:
+            print(interrupted_line(args.out if "args" in locals() else None), file=sys.stderr, flush=True)
     if plumbing.dist.is_initialized():
         if code == 0:
             plumbing.dist.barrier()  # no rank tears gloo down while another still talks to it

@@ -5,7 +5,7 @@ One RL step is train.rl_step with a clock between its phases (the same calls, on
   reward     train.score: the rule-based reward plus a frozen reward model's forward pass (document 004's fourth model)
   policy_fwd log π_θold on the batch, micro-batch by micro-batch (train.token_logprobs)
   ref_fwd    log π_ref on the batch (both algorithms, β > 0)
-  critic_fwd V_φold on the batch (PPO only; train.token_values)
+  critic_fwd V_ψold on the batch (PPO only; train.token_values)
   advantages train.compute_advantages: GAE + whitening (PPO), group statistics (GRPO)
   update     epochs × minibatches of train.minibatch_gradients + plumbing.clip_and_step (policy; + critic for PPO)
 Both algorithms are built side by side; each takes 1 warm-up step, untimed, under the memory counter (common.PeakBytes);

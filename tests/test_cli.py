@@ -202,7 +202,7 @@ def test_help_prints_each_default_once():
     assert len(blocks) == len(train_module.dataclasses.fields(train_module.Args)), p.stdout
     for block in blocks:
         assert block.count("(default:") <= 1 and not ("(default:" in block and block.count("default") > 1), block
-    assert "(default: grpo)" in p.stdout and "±20% ×" in p.stdout
+    assert "(default: grpo)" in p.stdout and "at most 20% ×" in p.stdout
 
 
 @pytest.mark.parametrize("flag", ["--model", "--reward-model"])
@@ -238,9 +238,12 @@ def test_startup_and_eval_lines_stand_on_their_own_lines(base):
     log = (base.parent / "run.log").read_text()
     shown = screen(log)
     assert any(line.startswith("grpo | 1 rank(s) on cpu | policy 109,376 params | 700 train / 4 eval rows | steps 3, "
-                               "lr 0.001, micro-batch 4, dtype auto, c_h 0.05, β 0.0, minibatch 4") for line in shown), log
-    evals = [line for line in shown if "eval_accuracy" in line]
+                               "lr 0.001, micro-batch 4, dtype auto, c_h 0.05, β 0, minibatch 4") for line in shown), log
+    evals = [line for line in shown if "eval_accuracy" in line and not line.startswith(("sft finished", "grpo fin"))]
     assert len(evals) == 4 and all(line.startswith("step ") for line in evals), log  # the warm start's 2, then 2
+    finished = [line for line in shown if " finished at step " in line]  # each stage says where it ended and left
+    assert [line.split(":")[0] for line in finished] == ["sft finished at step 5", "grpo finished at step 3"], log
+    assert finished[-1].endswith(f"; model in {base / 'hf'}; checkpoint {base / 'checkpoints' / 'step_000003'}"), log
     assert "Writing model shards" not in log and "Loading weights" not in log  # transformers' own bars are off
     assert "memory per rank" not in log
 
@@ -285,7 +288,7 @@ def test_startup_and_eval_lines_stand_on_their_own_lines(base):
     (["--algo", "ppo", "--critic-lr", "inf"], "--critic-lr must be a finite number, not inf"),
     (["--beta", "inf"], "--beta must be a finite number, not inf"),
     (["--ent-coef", "nan"], "--ent-coef must be a finite number, not nan"),
-    (["--reward-model-weight", "nan"], "--reward-model-weight must be a finite number, not nan"),
+    (["--reward-model-weight", "nan", "--reward-model", "rm"], "--reward-model-weight must be a finite number, not nan"),
     (["--algo", "ppo", "--lam", "1.5"], "--lam must be in [0, 1] (GAE's λ), not 1.5"),
     (["--algo", "ppo", "--gamma", "-1"], "--gamma must be a discount in [0, 1], not -1.0"),
     (["--epochs", "0"], "--epochs must be at least 1, not 0"),
@@ -360,7 +363,7 @@ def test_model_from_an_embedded_export_keeps_the_tiny_defaults_and_builds_no_mod
     embedded data is built: no warm start, no tiny model."""
     out = tmp_path / "out"
     p = ok(run("--out", out, *TINY, "--steps", "1", "--model", base / "hf"))
-    assert "lr 0.001, micro-batch 4, dtype auto, c_h 0.05, β 0.0, minibatch 4" in p.stdout, p.stdout
+    assert "lr 0.001, micro-batch 4, dtype auto, c_h 0.05, β 0, minibatch 4" in p.stdout, p.stdout
     assert (out / "embedded_data").exists() and not (out / "sft").exists() and not (out / "embedded_model").exists()
 
 

@@ -133,7 +133,8 @@ def test_copied_functions_compute_what_the_modules_do():
     for module_name, name, args in cases:
         module = importlib.import_module(module_name)
         copied = fresh_namespace(module, name)[name]
-        kwargs = dict(shapes=[(5, 3), (7,)], world_size=2, rank=1) if name == "per_rank_bytes_exact" else {}
+        kwargs = {"per_rank_bytes_exact": dict(shapes=[(5, 3), (7,)], world_size=2, rank=1),
+                  "compute_gae": dict(lam=0.95)}.get(name, {})  # compute_gae: λ is required, by name
         ours, theirs = copied(*args, **kwargs), getattr(module, name)(*args, **kwargs)
         flat = lambda v: [v] if not isinstance(v, (dict, tuple)) else [  # noqa: E731
             y for z in (v.values() if isinstance(v, dict) else v) for y in flat(z)]

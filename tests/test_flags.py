@@ -518,6 +518,29 @@ def test_adaptive_kl_target_adapts_beta_and_resumes_exactly(tmp_path, tiny_dir, 
     assert without_timing(metrics_rows(out)) == full
 
 
+def test_a_beta_changed_on_resume_trains_from_the_next_step(tmp_path, tiny_dir, data_file, main, capsys):
+    """GRPO --beta 0.05 for 2 steps, a checkpoint each; step 2's checkpoint deleted and the run resumed with --beta 0.2:
+    step 2 logs β 0.2 (the announced value trains), the start-up line prints β 0.2; resumed instead with --beta 0, no
+    reference is loaded and step 2 logs no kl.
+
+    Catches: β taken from the checkpoint's meta though the change is announced (0.05 trains on); a start-up line
+    printing --beta while another β trains; a reference loaded (or not) by the old β."""
+    out = tmp_path / "out"
+    argv = base_argv(tiny_dir, data_file, out, "--steps", "2", "--save-every", "1", "--eval-size", "0", "--lr", "0.05")
+    assert main(argv + ["--beta", "0.05"]) == 0
+    capsys.readouterr()
+    shutil.rmtree(out / "checkpoints" / "step_000002")
+    assert main(argv + ["--beta", "0.2", "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "--beta 0.05 → 0.2 from step 2" in said and "β 0.2," in said and "reference" in said, said
+    assert [(r["step"], r["beta"]) for r in metrics_rows(out)] == [(1, 0.05), (2, 0.2)]  # step 2 replaced
+    shutil.rmtree(out / "checkpoints" / "step_000002")
+    assert main(argv + ["--beta", "0", "--resume"]) == 0
+    said = capsys.readouterr().out
+    last = metrics_rows(out)[-1]
+    assert (last["step"], last["beta"], last["kl"]) == (2, 0.0, None) and "reference" not in said, said
+
+
 def test_early_stop_kl_stops_the_epochs_early(tmp_path, tiny_dir, data_file, main):
     """GRPO --early-stop-kl 1e-9 with --epochs 3 and 2 minibatches: the first minibatch that moved the policy stops the
     step: minibatches_taken < 3 × 2 and kl_early_stop = 1.

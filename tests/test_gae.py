@@ -72,8 +72,22 @@ def test_whiten_masked():
 
 def test_no_grad_flows_into_values():
     values = torch.randn(2, 4, requires_grad=True)
-    A, R = compute_gae(torch.randn(2, 4), values)
+    A, R = compute_gae(torch.randn(2, 4), values, lam=0.95)
     assert not A.requires_grad and not R.requires_grad
+
+
+def test_lambda_has_no_default():
+    """λ must be given, by name: document 000 uses 0.95, the trainer 1 (--lam), and a silent default picked one.
+    Catches the old signature, where compute_gae(r, V, mask) ran with λ = 0.95 and γ could be passed by position.
+    With γ = 1 and a terminal reward 1 on 3 tokens, V ≡ 0.5: λ = 1 gives A_t = 1 − 0.5 at every token, while
+    λ = 0.95 gives A_0 = δ_0 + 0.95·δ_1 + 0.95²·δ_2 = 0 + 0 + 0.9025·0.5."""
+    rewards, values = torch.tensor([[0.0, 0.0, 1.0]]), torch.full((1, 3), 0.5)
+    with pytest.raises(TypeError, match="lam"):
+        compute_gae(rewards, values, None)
+    with pytest.raises(TypeError):
+        compute_gae(rewards, values, None, 1.0, 1.0)  # γ and λ by position
+    torch.testing.assert_close(compute_gae(rewards, values, lam=1.0)[0], torch.tensor([[0.5, 0.5, 0.5]]))
+    torch.testing.assert_close(compute_gae(rewards, values, lam=0.95)[0][0, 0], torch.tensor(0.9025 * 0.5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

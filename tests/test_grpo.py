@@ -308,3 +308,62 @@ def test_kl_gradients_off_policy():
         torch.testing.assert_close(kl_grads(theta, log_ref, k, p_old * (p / p_old)), on_policy)  # ρ-weighted
         at_old = theta_old.clone().requires_grad_(True)
         torch.testing.assert_close(kl_grads(at_old, log_ref, k, p_old), true_kl_grads(at_old, log_ref)[k is kl_k3])
+
+
+def tiny_policy(vocab: int):
+    """A one-layer Llama, the class the trainer loads for the policy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=32, initializer_range=0.3)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("estimator", ["k3", "k2"])
+@pytest.mark.parametrize("mode", LOSS_AGGREGATIONS)
+def test_grpo_loss_agrees_with_the_trainers_minibatch_gradients(mode, estimator, one_process_group):
+    """The reference grpo_loss, one backward, against train.minibatch_gradients on the same policy and rollout (2
+    micro-batches of 2 rows, row 1 dropped as --mask-truncated drops it, asymmetric and dual clip, τ = 0.8, β = 0.04):
+    the logged loss, policy_loss and kl_loss, and the gradient of every parameter, agree in each aggregation mode.
+
+    Catches: grpo_loss dividing the per-sequence modes by every row, dropped ones included (the old behaviour: 4
+    rows instead of 3, the loss scaled by 3/4), while the trainer counts the rows with a token; β·k or the KL
+    estimator combined differently on the two sides; micro-batches normalised by their own counts."""
+    import train
+    from logprobs import token_logprobs_reference
+
+    B, P, T, V = 4, 3, 5, 11
+    policy = tiny_policy(V)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, V, (B, P + T), generator=g)  # (B, S)
+    attention = torch.ones(B, P + T, dtype=torch.long)  # (B, S)
+    mask = (torch.arange(T)[None] < torch.tensor([5, 0, 4, 2])[:, None]).float()  # (B, T) row 1: no loss token
+    args = train.Args(algo="grpo", loss_agg=mode, micro_batch_size=2, max_new_tokens=7, temperature=0.8, eps=0.2,
+                      eps_high=0.28, dual_clip=3.0, ent_coef=0.0, kl_estimator=estimator)
+
+    def logprobs():
+        logits = policy(input_ids=ids, attention_mask=attention).logits[:, P - 1 : -1]  # (B, T, V)
+        return token_logprobs_reference(logits, ids[:, P:], args.temperature)[0]  # (B, T)
+
+    with torch.no_grad():
+        logp = logprobs()
+    old_logprobs, ref_logprobs = (logp + 0.3 * torch.randn(B, T, generator=g) for _ in range(2))  # (B, T)
+    advantages = torch.randn(B, generator=g)  # (B,)
+    batch = train.Rollout(input_ids=ids, attention_mask=attention, completion_mask=mask, loss_mask=mask, n_prompt=P,
+                          prompts=[""] * B, answers=[""] * B, texts=[""] * B, old_logprobs=old_logprobs,
+                          ref_logprobs=ref_logprobs, advantages=advantages)
+    run = train.Run(args=args, rank=0, world=1, device=torch.device("cpu"), tok=None, train_rows=[], eval_rows=[],
+                    optimizers={}, base_lr={}, policy=policy, ref=policy, beta=0.04)  # ref: its log-probs are above
+    terms = train.minibatch_gradients(run, batch)
+    trainer_grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad(set_to_none=True)
+    logp = logprobs()
+    pg = clipped_surrogate_loss(logp, old_logprobs, advantages[:, None], 0.2, 0.28, 3.0)  # (B, T)
+    out = grpo_loss(pg, KL_ESTIMATORS[estimator](logp, ref_logprobs), mask, beta=0.04, loss_agg=mode, max_len=7)
+    out["loss"].backward()
+    for ours, theirs in (("loss", "loss"), ("policy_loss", "policy_loss"), ("kl", "kl_loss")):
+        assert terms[theirs] == pytest.approx(out[ours].item(), rel=1e-5, abs=1e-7), ours
+    for p, theirs in zip(policy.parameters(), trainer_grads):
+        assert p.grad.abs().max() > 0
+        torch.testing.assert_close(theirs, p.grad, rtol=1e-4, atol=1e-6)

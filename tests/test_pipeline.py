@@ -117,16 +117,80 @@ def test_critic_from_the_reward_model_is_the_reward_at_step_0(models, one_proces
     assert critic.score.weight.abs().sum() > 0  # carried over, not zeroed
 
 
+def test_critic_from_the_reward_model_is_the_reward_at_step_0_through_the_trainer(models, tmp_path,
+                                                                                 one_process_group):
+    """The trainer's own loading (train.build_run → load_rl_models) of PPO with --reward-model RM/ (a trailing slash)
+    and --critic-init RM spelled another way (a relative path), --reward-model-weight 1.5: the critic's value that
+    train.critic_values reads at the state before the EOS (the last completion position the trainer reads) equals
+    1.5·(r − 0.3)/2.0, with r the reward model's score of prompt + completion computed here by hand (its backbone,
+    then its head, at the last token) and the standardisation by the stored mean 0.3 and std 2.0 written here; and
+    it equals the reward train.score trains on for the same sample.
+
+    Catches: a·std for a/std; a sign flip on b; the weight dropped; the two paths compared as strings (the head left
+    on the raw scale); the value read one position off."""
+    from transformers import AutoModelForSequenceClassification
+
+    import options
+    import train
+
+    _, lm, rm_path = models
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(10)))
+    argv = ["--algo", "ppo", "--model", lm, "--dataset", data, "--reward", "none", "--reward-model", rm_path + "/",
+            "--critic-init", os.path.relpath(rm_path), "--reward-model-weight", "1.5", "--eval-size", "0",
+            "--out", tmp_path / "out", "--prompts-per-step", "2", "--group-size", "2"]
+    args = options.resolve_defaults(options.parse_args(options.Args, [str(a) for a in argv]), 1)
+    options.check_args(args, 1)
+    run = train.build_run(args, 0, 1, torch.device("cpu"))
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_path).eval()
+    rm_tok = plumbing.load_tokenizer(rm_path)
+    for prompt, completion in (("12+7=", "19"), ("3+4=", "8"), ("29+29=", "58")):
+        prompt_ids = run.tok(prompt)["input_ids"]
+        completion_ids = run.tok(completion, add_special_tokens=False)["input_ids"] + [run.tok.eos_token_id]
+        ids = torch.tensor([prompt_ids + completion_ids])  # (1, S)
+        mask = torch.ones(1, len(completion_ids))  # (1, T)
+        batch = train.Rollout(input_ids=ids, attention_mask=torch.ones_like(ids), completion_mask=mask,
+                              loss_mask=mask, n_prompt=len(prompt_ids), prompts=[prompt], answers=["0"],
+                              texts=[completion])
+        with torch.no_grad():
+            v = train.critic_values(run.critic, batch)[0, len(completion_ids) - 1].item()  # V(s) before the EOS
+            r_ids = torch.tensor([rewards.reward_model_ids(rm_tok, prompt, completion)])
+            r = rm.score(rm.model(input_ids=r_ids).last_hidden_state[0, -1]).item()
+        trained_on = train.score(run, batch, 1)[0][0].item()
+        assert abs(r) > 0.05 and math.isclose(v, 1.5 * (r - 0.3) / 2.0, rel_tol=1e-5, abs_tol=1e-6), (prompt, r, v)
+        assert math.isclose(trained_on, v, rel_tol=1e-5, abs_tol=1e-6), (prompt, trained_on, v)
+
+
+def other_vocabulary_model(path) -> str:
+    """A tiny Llama whose character tokenizer lists its characters in another order: the same texts, other ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForTokenClassification, PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + list("9876543210+-*=# "))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer, core.decoder = pre_tokenizers.Split(Regex("."), behavior="isolated"), decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_labels=1)
+    LlamaForTokenClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--algo", "grpo", "--reward-model", "{lm}"], "--reward-model '{lm}' is a LlamaForCausalLM checkpoint: loaded as "
      "LlamaForSequenceClassification (reward model) it would start with random weights (score.weight)"),
     (["--algo", "grpo", "--model", "{rm}"], "--model '{rm}' is a LlamaForSequenceClassification checkpoint: loaded as "
      "LlamaForCausalLM (policy) it would start with random weights (lm_head.weight)"),
-    (["--algo", "ppo", "--critic-init", "{notamodel}"], "--critic-init '{notamodel}': cannot load it as "
-     "AutoModelForTokenClassification"),
+    (["--algo", "ppo", "--critic-init", "{notamodel}"], "--critic-init '{notamodel}' is not a model directory (no "
+     "config.json)"),
     (["--algo", "rm", "--model", "{notok}"], "--model '{notok}' has no tokenizer"),
     (["--algo", "grpo", "--reward-model", "{notamodel}"], "--reward-model '{notamodel}' is not a model directory (no "
      "config.json)"),
+    (["--algo", "ppo", "--critic-init", "{othervocab}"], "--critic-init '{othervocab}' has another vocabulary than the "
+     "policy"),
+    (["--algo", "grpo", "--reward-model-weight", "0.5"], "--reward-model-weight has no effect without --reward-model"),
 ])
 def test_a_model_of_the_wrong_kind_is_refused_by_name(models, flags, says, tmp_path, capsys):
     root, lm, rm = models
@@ -136,7 +200,8 @@ def test_a_model_of_the_wrong_kind_is_refused_by_name(models, flags, says, tmp_p
     notok.mkdir()
     for f in ("config.json", "model.safetensors"):
         (notok / f).write_bytes((Path(lm) / f).read_bytes())
-    paths = {"lm": lm, "rm": rm, "notamodel": tmp_path / "notamodel", "notok": notok}
+    paths = {"lm": lm, "rm": rm, "notamodel": tmp_path / "notamodel", "notok": notok,
+             "othervocab": other_vocabulary_model(tmp_path / "othervocab")}
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(20)))
     argv = [f.format(**paths) for f in flags]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gae import compute_gae
+from logprobs import TokenLogprobs, token_logprobs_reference
 from ppo import (adaptive_kl_beta, approx_kl, clip_fraction, clipped_surrogate_loss, entropy_from_logits,
                  explained_variance, kl_early_stop, kl_shaped_rewards, masked_mean, policy_diagnostics, ppo_loss,
                  value_loss)
@@ -69,6 +70,26 @@ def test_entropy_from_logits_matches_definition():
     p = logits.softmax(-1)
     torch.testing.assert_close(entropy_from_logits(logits), -(p * p.log()).sum(-1))
     assert torch.isclose(entropy_from_logits(torch.zeros(1, 1, 8)), torch.tensor(math.log(8.0)))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_from_logits_agrees_with_the_trainers_token_logprobs(temperature):
+    """The reference entropy_from_logits(z/τ) against what the trainer runs, logprobs.TokenLogprobs (and its plain
+    form token_logprobs_reference), on the same random logits: the same H and the same gradient ∂Σ w·H/∂z.
+
+    Catches: the trainer's H taken at another temperature than its log π (z instead of z/τ), or a drift between the
+    documented H = logsumexp(z) − Σ p·z and the chunked forward or hand-written backward the trainer uses."""
+    g = torch.Generator().manual_seed(3)
+    logits = (3 * torch.randn(2, 5, 13, generator=g, dtype=torch.float64)).requires_grad_(True)  # (B, T, V)
+    targets = torch.randint(0, 13, (2, 5), generator=g)  # (B, T)
+    weights = torch.randn(2, 5, generator=g, dtype=torch.float64)  # (B, T) an arbitrary upstream gradient
+    ours = entropy_from_logits(logits / temperature)  # (B, T)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), logits)  # (B, T, V)
+    for trainer_form in (TokenLogprobs.apply, token_logprobs_reference):
+        _, theirs = trainer_form(logits, targets, temperature)  # (B, T)
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        (grad_theirs,) = torch.autograd.grad((theirs * weights).sum(), logits)  # (B, T, V)
+        torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-10, atol=1e-12)
 
 
 def test_kl_shaped_rewards_loop():
@@ -242,3 +263,100 @@ def test_adaptive_kl_beta_by_hand():
     assert math.isclose(adaptive_kl_beta(0.05, kl=0.0, kl_target=6.0, horizon=512, n_samples=512), 0.04)
     with pytest.raises(ValueError):
         adaptive_kl_beta(0.1, kl=0.1, kl_target=0.0, horizon=10, n_samples=1)
+
+
+@pytest.mark.parametrize("n_over_h", [5, 12.8, 100])
+def test_adaptive_kl_beta_stays_positive_at_and_beyond_n_equals_5h(n_over_h):
+    """KL far below target (e = −0.2) for 200 steps at n = 5H, where the linear factor 1 − 0.2·n/H is 0, and beyond
+    it (n = 128, H = 10: the run that ended at β = −1588). β stays > 0 and halves each step (the floor ½); KL far
+    above target still moves β up by the linear factor 1 + 0.2·n/H.
+
+    Catches: the factor left unbounded (β = 0 after one step at n = 5H, its sign flipping beyond), a floor applied to
+    the upward side as well, or a floor other than the stated ½."""
+    H = 10.0
+    n = round(n_over_h * H)
+    beta = 0.5
+    for step in range(200):
+        beta = adaptive_kl_beta(beta, kl=0.0, kl_target=0.001, horizon=H, n_samples=n)
+        assert beta > 0, step
+    assert math.isclose(beta, 0.5 * 0.5**200, rel_tol=1e-12)
+    assert math.isclose(adaptive_kl_beta(0.5, kl=1.0, kl_target=0.001, horizon=H, n_samples=n), 0.5 * (1 + 0.2 * n / H))
+    # between the floor's edge n = 2.5H and 5H: the linear factor where it is ≥ ½, the floor where it is not
+    assert math.isclose(adaptive_kl_beta(0.5, kl=0.9, kl_target=1.0, horizon=10, n_samples=40), 0.5 * (1 - 0.1 * 4))
+    assert math.isclose(adaptive_kl_beta(0.5, kl=0.0, kl_target=1.0, horizon=10, n_samples=40), 0.5 * 0.5)
+    with pytest.raises(ValueError, match="min_factor"):
+        adaptive_kl_beta(0.5, kl=0.0, kl_target=1.0, horizon=10, n_samples=40, min_factor=0.0)
+
+
+def test_adaptive_kl_beta_is_the_linear_controller_for_n_much_smaller_than_h():
+    """n ≪ H (64 samples a step, H = 10000, TRL's horizon): every step equals Ziegler's β(1 + e·n/H), e computed
+    here, over KL ratios from 0 to 3 (so e both clipped and not). Catches the bound reaching into the normal regime
+    (e.g. an exponential form, whose β·exp(e·n/H) differs in the 6th digit, or a floor above 1 − 0.2·n/H)."""
+    beta, n, H = 0.1, 64, 10000.0
+    for kl in np.linspace(0.0, 0.3, 31):
+        e = min(max(kl / 0.1 - 1.0, -0.2), 0.2)
+        expected = beta * (1.0 + e * n / H)
+        beta = adaptive_kl_beta(beta, kl=float(kl), kl_target=0.1, horizon=H, n_samples=n)
+        assert beta == pytest.approx(expected, rel=1e-15, abs=0), kl
+
+
+def tiny_policy_and_critic(vocab: int):
+    """A one-layer Llama policy and a Llama token-classification critic (one label), the classes the trainer loads."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=32, initializer_range=0.3, num_labels=1)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval(), LlamaForTokenClassification(cfg).eval()
+
+
+def test_ppo_loss_agrees_with_the_trainers_two_backward_passes(one_process_group):
+    """One backward through the reference ppo_loss(mean L^CLIP, mean L^V, mean H) against train.minibatch_gradients
+    (the policy's terms, then c_v·L_V in a second backward; 2 micro-batches of 2 rows; ragged completions; asymmetric
+    and dual clip, value clip, τ = 0.8): the logged `loss` and the gradient of every policy and critic parameter agree.
+
+    Catches: c_v or the entropy's sign applied differently in the trainer's backward than in the documented loss, the
+    value clip or ε_high dropped on one side, micro-batches normalised by their own token count instead of the
+    minibatch's, the entropy taken at τ = 1 while log π is taken at τ."""
+    import train
+
+    B, P, T, V = 4, 3, 5, 11
+    policy, critic = tiny_policy_and_critic(V)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, V, (B, P + T), generator=g)  # (B, S)
+    attention = torch.ones(B, P + T, dtype=torch.long)  # (B, S)
+    mask = (torch.arange(T)[None] < torch.tensor([5, 2, 4, 3])[:, None]).float()  # (B, T)
+    args = train.Args(algo="ppo", loss_agg="token-mean", micro_batch_size=2, max_new_tokens=T, temperature=0.8, eps=0.2,
+                      eps_high=0.28, dual_clip=3.0, ent_coef=0.05, vf_coef=0.7, value_clip=0.3)
+
+    def forward():
+        logits = policy(input_ids=ids, attention_mask=attention).logits[:, P - 1 : -1]  # (B, T, V)
+        values = critic(input_ids=ids, attention_mask=attention).logits[:, P - 1 : -1, 0]  # (B, T)
+        return logits, token_logprobs_reference(logits, ids[:, P:], args.temperature)[0], values
+
+    with torch.no_grad():
+        _, logp, values = forward()
+    old_logprobs = logp + 0.3 * torch.randn(B, T, generator=g)  # (B, T) ratios in and out of the clip range
+    old_values, returns = values + 0.5 * torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)  # (B, T)
+    advantages = torch.randn(B, T, generator=g)  # (B, T)
+    batch = train.Rollout(input_ids=ids, attention_mask=attention, completion_mask=mask, loss_mask=mask, n_prompt=P,
+                          prompts=[""] * B, answers=[""] * B, texts=[""] * B, old_logprobs=old_logprobs,
+                          old_values=old_values, advantages=advantages, returns=returns)
+    run = train.Run(args=args, rank=0, world=1, device=torch.device("cpu"), tok=None, train_rows=[], eval_rows=[],
+                    optimizers={}, base_lr={}, policy=policy, critic=critic)
+    params = list(policy.parameters()) + list(critic.parameters())
+    terms = train.minibatch_gradients(run, batch)
+    trainer_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    logits, logp, values = forward()
+    policy_loss = masked_mean(clipped_surrogate_loss(logp, old_logprobs, advantages, 0.2, 0.28, 3.0), mask)
+    critic_loss = masked_mean(value_loss(values, returns, old_values, clip=0.3), mask)
+    entropy = masked_mean(entropy_from_logits(logits / args.temperature), mask)
+    loss = ppo_loss(policy_loss, critic_loss, entropy, vf_coef=0.7, ent_coef=0.05)
+    loss.backward()
+    assert terms["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert terms["value_loss"] == pytest.approx(critic_loss.item(), rel=1e-5) and critic_loss.item() > 0.1
+    for p, theirs in zip(params, trainer_grads):
+        assert p.grad.abs().max() > 0
+        torch.testing.assert_close(theirs, p.grad, rtol=1e-4, atol=1e-6)

@@ -203,6 +203,30 @@ def test_combined_reward_weighting():
     assert torch.allclose(rewards, torch.tensor([1.2, 0.2, 0.0, 0.0]))
 
 
+@pytest.mark.parametrize("spec", ["math=1.0,format=0.2", "math=2,format=-0.5", "format", "math=0.7"])
+def test_rule_based_rewards_agree_with_plumbing_apply_rewards(spec):
+    """The reference rule_based_rewards / combined_reward against what the trainer runs, plumbing.apply_rewards over
+    plumbing.load_reward_functions(--reward), on 60 random (completion, answer) pairs drawn from the parsing table,
+    half of them wrapped in the R1 format: the same (B,) rewards, no problem reported.
+
+    Catches: the trainer's sum and the documented R = Σ_k w_k R_k drifting apart (a weight dropped or applied twice,
+    the spec parsed differently, a reward name bound to another function)."""
+    import plumbing
+
+    rng = random.Random(5)
+    pairs = [rng.choice(MATH_CASES)[:2] for _ in range(60)]
+    texts = [f"<think>so</think><answer>{c}</answer>" if i % 2 and isinstance(c, str) and len(c) < 100 else c
+             for i, (c, _) in enumerate(pairs)]
+    answers = [a for _, a in pairs]
+    theirs, problem = plumbing.apply_rewards(plumbing.load_reward_functions(spec), texts, answers, str)  # (B,)
+    ours = rule_based_rewards(texts, answers, spec)  # (B,)
+    assert problem is None
+    assert ours.abs().sum() > 0 and len(set(ours.tolist())) > 1
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)
+    assert all(math.isclose(float(t), combined_reward(c, a, spec), abs_tol=1e-6)
+               for t, c, a in zip(theirs, texts, answers))
+
+
 # ── Bradley–Terry reward-model loss (004 "4. The Reward Model") ────────────────────────────────────────────
 
 

@@ -115,7 +115,7 @@ def test_first_step_loss_and_token_accuracy_by_hand(sft_run):
     tok = AutoTokenizer.from_pretrained(start)
     model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32).eval()
     rows = rows_of(sft_run, "train.jsonl")[200:]  # train[200:], the sft stage's training split
-    picks = np.random.default_rng(plumbing.seed_for(0, 1)).choice(len(rows), 64, replace=False)
+    picks = np.random.default_rng(plumbing.seed_for(0, "epoch", 0)).permutation(len(rows))[:64]  # step 1: epoch 0
     total, hits, n = 0.0, 0, 0
     with torch.no_grad():
         for i in picks:
