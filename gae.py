@@ -14,7 +14,7 @@ it (tests/test_worked_example.py); the trainer's default is λ = 1 (`--lam`, ver
 terminal reward, A_t = R − V(s_t) uses V only as a baseline, so the policy gradient is unbiased whatever the critic,
 while λ < 1 lowers the variance by trusting V(s_{t+k}), biased while the critic is still learning. compute_gae has
 no default λ, so every caller says which. Document 004's γ ≈ 0.99 leaves 0.99^499 ≈ 0.0066 of a terminal reward
-500 tokens away at the first token (README, Errata).
+500 tokens away at the first token (docs/errata.md).
 
 Shapes: B sequences in the batch, T completion tokens (padded to the longest).
 

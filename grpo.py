@@ -12,7 +12,7 @@ Dropping the Critic"; document 002 ("GRPO vs. PPO for LLM RL"), "KL Regularizati
 std is Bessel-corrected (divides by G − 1): document 001's code calls `rewards.std()`, torch's default. A group whose
 rewards are all equal has std 0 and gets A = 0/(0 + ε_std) = 0 exactly (see group_advantages): no signal, never NaN.
 What each estimator's gradient estimates (k3's is ∇KL(π_ref ‖ π_θ), the other direction from the one the loss names),
-and why the group mean is not a baseline "that depends only on x" as document 001 says: README.md, "Derivations"
+and why the group mean is not a baseline "that depends only on x" as document 001 says: docs/derivations.md
 and "Errata in the documents"; tests/test_grpo.py checks both by exact enumeration.
 
 Shapes: P prompts, G completions per prompt, B = P·G sequences, T completion tokens.

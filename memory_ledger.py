@@ -27,7 +27,7 @@ Accounting (bytes; GB here means decimal 1e9 bytes, as in the documents):
 | a, L       | heads, n_layers          | attention heads, transformer layers                              |
 
 Where the documents' prose and their own arithmetic disagree (the critic "costs more" than the policy; the ~40%,
-≈50%, ~4x-vs-~3x and ~2x-vs-~1x savings): README.md, "Errata in the documents"; tests/test_memory_ledger.py pins them.
+≈50%, ~4x-vs-~3x and ~2x-vs-~1x savings): docs/errata.md; tests/test_memory_ledger.py pins them.
 """
 import math
 

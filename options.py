@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import embedded_task
-from plumbing import (UserError, check_hub_reachable, latest_checkpoint, load_reward_functions, load_tokenizer,
-                      read_meta)
+from data import check_hub_reachable
+from distributed import UserError
+from models import load_tokenizer
+from scoring import load_reward_functions
 
 
 def arg(default, help):
@@ -77,7 +79,7 @@ class Args:
     eps: float = arg(0.2, "clip range ε of the surrogate: ρ is kept within [1 − ε, 1 + ε_high]")
     eps_high: float | None = arg(None, "upper clip range ε_high (DAPO's clip-higher); unset = --eps")
     dual_clip: float = arg(0.0, "dual-clip bound c > 1 for tokens with A < 0 (Ye et al. 2020); 0 = off")
-    vf_coef: float = arg(0.5, "c_v: weight of the critic loss (PPO; the critic has its own AdamW, see README)")
+    vf_coef: float = arg(0.5, "c_v: weight of the critic loss (PPO; the critic has its own AdamW: docs/derivations.md)")
     ent_coef: float | None = arg(None, "c_h: entropy bonus; unset: 0.05 (GRPO) or 0.08 (PPO) on the tiny model, 0 with "
                                        "--model")
     value_clip: float = arg(0.0, "PPO value clipping range around V_old (0 = off)")
@@ -138,7 +140,7 @@ def resolve_defaults(args: Args, world: int) -> Args:
     if args.minibatch_size is None:  # the whole rollout batch, at most 256 sequences per optimizer step
         fits = [m for m in range(min(256, batch), 0, -1) if batch % m == 0 and m % world == 0] if rl else []
         args.minibatch_size = fits[0] if fits else batch
-    if args.micro_batch_size is None:  # see README, "GPU": 8 sequences of 512 tokens keep a 0.5B-7B model in 80 GB
+    if args.micro_batch_size is None:  # see docs/gpu.md: 8 sequences of 512 tokens keep a 0.5B-7B model in 80 GB
         per_rank = max(1, args.minibatch_size // world)
         divisors = [m for m in range(1, min(8, per_rank) + 1) if per_rank % m == 0]
         args.micro_batch_size = per_rank if tiny else divisors[-1]
@@ -215,6 +217,9 @@ def check_args(args, world_size: int) -> None:
             name.endswith((".json", ".jsonl", ".parquet", ".csv"))
         if name and looks_local and not os.path.exists(os.path.expanduser(name)):
             raise UserError(f"{flag} {name!r}: no such file or directory")
+        if name.endswith(".gguf") and flag != "--dataset":
+            raise UserError(f"{flag} {name!r} is a GGUF file: convert it to a model directory first with `python "
+                            f"gguf_model.py --gguf {name} --out DIR`, then give {flag} DIR")
         if name and flag != "--dataset":
             check_hub_reachable(flag, name)  # a hub name not in the cache needs the Hub: say now if it is out of reach
     check_critic_source(args)
@@ -364,64 +369,11 @@ def check_stage_options(args) -> None:
                         "model's score)")
 
 
-# What a resumed run may change. REFUSED: options that define the experiment (a different run, not a continuation).
-# ANNOUNCED: hyperparameters a user may retune mid-run; the change is printed as one line and recorded in the next
-# checkpoint. Anything else (--out, --plot, --micro-batch-size, --gradient-checkpointing, ...) changes no number.
-RESUME_REFUSED = ("algo", "model", "dataset", "dataset_config", "split", "eval_split", "eval_size", "prompt_column",
-                  "answer_column", "prompt_template", "chat_template", "max_length", "reward", "reward_model",
-                  "reward_model_weight", "reward_model_normalize", "critic_init", "group_size", "prompts_per_step",
-                  "max_new_tokens", "seed", "sft_steps", "sft_target", "dtype", "loss_agg", "kl_estimator",
-                  "scale_rewards", "whiten_advantages", "mask_truncated", "gamma", "lam", "temperature")
-RESUME_ANNOUNCED = ("steps", "lr", "critic_lr", "lr_schedule", "weight_decay", "max_grad_norm", "beta", "eps",
-                    "eps_high", "dual_clip", "vf_coef", "ent_coef", "value_clip", "epochs", "minibatch_size",
-                    "early_stop_kl", "adaptive_kl_target", "kl_horizon", "eval_every")
 
 
-def check_resume(args) -> None:
-    """--resume needs a complete checkpoint and may not change an option of RESUME_REFUSED; a fresh run never
-    overwrites a checkpoint."""
-    path = latest_checkpoint(args.out)
-    if not args.resume:
-        if path is not None:
-            raise UserError(f"--out {args.out!r} already holds checkpoint {path}: add --resume to continue that run, "
-                            "or choose another --out")
-        return
-    if path is None:
-        raise UserError(f"--resume: no complete checkpoint in {os.path.join(args.out, 'checkpoints')}")
-    diff = experiment_changes(read_meta(path)["args"], args)
-    if diff:
-        raise UserError(f"--resume: checkpoint {path} was written with other arguments: {'; '.join(diff)} "
-                        "(these define the experiment; start a new --out, e.g. from the export: --model OUT/hf)")
 
 
-def experiment_changes(saved: dict, args) -> list[str]:
-    """"--seed 0 → 1" for each option of RESUME_REFUSED that differs between a checkpoint's arguments and `args`. A
-    path inside --out (the warm start's OUT/sft/hf) is compared relative to its --out: a moved --out still resumes."""
-    def value(options: dict, k: str):
-        v, out = options.get(k), options.get("out") or ""
-        inside = isinstance(v, str) and out and os.path.abspath(v).startswith(os.path.abspath(out) + os.sep)
-        return os.path.join("OUT", os.path.relpath(os.path.abspath(v), os.path.abspath(out))) if inside else v
-
-    now = dataclasses.asdict(args)
-    return [f"--{k.replace('_', '-')} {saved.get(k)!r} → {now[k]!r}" for k in RESUME_REFUSED
-            if value(saved, k) != value(now, k)]
 
 
-def resume_changes(args, meta: dict, world: int) -> list[str]:
-    """One line per announced option that differs from the checkpoint's (its meta.json), e.g. "--lr 0.001 → 0.05 from
-    step 4"; and one when the number of ranks differs from the run that wrote it."""
-    saved, step = meta["args"], meta["step"]
-    unused = ("critic_lr", "vf_coef", "value_clip") if args.algo != "ppo" else ()  # no critic: --lr moves critic_lr
-    lines = [f"--{k.replace('_', '-')} {saved.get(k)!r} → {getattr(args, k)!r} from step {step + 1}"
-             for k in RESUME_ANNOUNCED if k in saved and k not in unused and saved.get(k) != getattr(args, k)]
-    if args.steps != saved.get("steps") and args.lr_schedule == "linear" and args.steps > step:  # else nothing runs
-        was = max(0.0, 1 - (step - 1) / saved["steps"])
-        lines.append(f"the linear learning-rate decay is re-planned to reach 0 after step {args.steps}: "
-                     f"lr × {1 - step / args.steps:.4f} at step {step + 1} (it was × {was:.4f} at step {step})")
-    if meta.get("world", world) != world:
-        lines.append(f"resumed on {world} rank(s) from a checkpoint written by {meta['world']}: the same weights and "
-                     "rows, but sampling noise is drawn per rank and sums reduce in another order, so the run will "
-                     "not repeat the uninterrupted one bit for bit")
-    return lines
 
 

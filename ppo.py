@@ -15,8 +15,8 @@ objective for RLHF").
     stop the epochs when approx_kl > KL_target, or β_{t+1} = β_t·max(1 + (n/H)·e_t, ½),                KL control
         e_t = clip(KL_t/KL_target − 1, −0.2, 0.2)
 
-Document 000's walkthrough misses an active clip at token 3 (its printed L_PPO and L drop it): README.md, "Errata in the
-documents"; tests/test_worked_example.py pins the clipped values.
+Document 000's walkthrough misses an active clip at token 3 (its printed L_PPO and L drop it): docs/errata.md;
+tests/test_worked_example.py pins the clipped values.
 
 Shapes: B sequences, T completion tokens, V vocabulary.
 

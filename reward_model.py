@@ -6,7 +6,7 @@ trained on preference pairs with the Bradley–Terry model, its score read at th
 
 The model is transformers' AutoModelForSequenceClassification with one label, started from a causal LM checkpoint
 (the SFT model, as document 004 suggests): the backbone carries over, the head hidden_dim → 1 is new. Its score is
-read at the last position whose attention mask is 1 (rewards.last_token_scores), never by the pad id.
+read at the last position whose attention mask is 1 (scoring.last_token_scores), never by the pad id.
 
 Data follow TRL's convention: columns `chosen` and `rejected`, an optional `prompt` (without it the prompt is
 implicit, inside both texts), an optional `margin`; plain text, or conversations (lists of {"role", "content"}) that
@@ -34,10 +34,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+import data
+import distributed
 import embedded_task
-import plumbing
+import metrics
+import optim
 import rewards as rewards_lib
 import sampling
+import scoring
+from distributed import UserError, say
 
 HELD_OUT = 0.2  # the embedded comparisons: this fraction of the prompts' pairs is held out
 ROUNDS = 64  # the embedded comparisons: each prompt is sampled twice this many times (at most one pair a round)
@@ -46,8 +51,8 @@ ROUNDS = 64  # the embedded comparisons: each prompt is sampled twice this many 
 class Pair(NamedTuple):
     """One comparison, tokenised once."""
 
-    chosen: list[int]  # rewards.reward_model_ids(prompt, chosen response): the tokens of prompt + response
-    rejected: list[int]  # rewards.reward_model_ids(prompt, rejected response)
+    chosen: list[int]  # scoring.reward_model_ids(prompt, chosen response): the tokens of prompt + response
+    rejected: list[int]  # scoring.reward_model_ids(prompt, rejected response)
     margin: float  # 0.0 without a `margin` column
 
 
@@ -58,17 +63,17 @@ def pair_scores(run, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
     """r_φ of the chosen and the rejected texts of `pairs`, in one forward pass: (b,), (b,)."""
     ids, mask = rewards_lib.pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs],
                                       pad_id=run.tok.pad_token_id, padding_side="left")  # (2b, L)
-    scores = rewards_lib.last_token_scores(run.reward_model, ids.to(run.device), mask.to(run.device)).float()  # (2b,)
+    scores = scoring.last_token_scores(run.reward_model, ids.to(run.device), mask.to(run.device)).float()  # (2b,)
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
 def rm_step(run, step: int) -> dict:
-    """One optimizer step on --prompts-per-step pairs, the step's slice of the epochs (plumbing.rows_for_step);
+    """One optimizer step on --prompts-per-step pairs, the step's slice of the epochs (data.rows_for_step);
     gradients accumulate over micro-batches, and the loss divides by the whole batch's pair count. Returns the logged
     row."""
-    args, timer = run.args, plumbing.StepTimer(run.device)
-    _, mine = plumbing.rows_for_step(len(run.train_rows), args.prompts_per_step, args.seed, step, run.rank,
-                                     run.world)
+    args, timer = run.args, metrics.StepTimer(run.device)
+    _, mine = data.rows_for_step(len(run.train_rows), args.prompts_per_step, args.seed, step, run.rank,
+                                 run.world)
     pairs = [run.train_rows[i] for i in mine]
     n_pairs = args.prompts_per_step / run.world  # the global count / world size: FSDP averages the gradients
     sums = dict.fromkeys(("loss", "pair_accuracy", "margin", "chosen_reward_mean", "rejected_reward_mean"), 0.0)
@@ -84,9 +89,9 @@ def rm_step(run, step: int) -> dict:
         sums["margin"] += (chosen - rejected).sum().item() / n_pairs
         sums["chosen_reward_mean"] += chosen.sum().item() / n_pairs
         sums["rejected_reward_mean"] += rejected.sum().item() / n_pairs
-    update = plumbing.clip_and_step(run.trained(), args.max_grad_norm)
+    update = optim.optimizer_step(run, args.max_grad_norm)
     timer.lap("update")
-    row = dict(zip(sums, (x / run.world for x in plumbing.global_sum(*sums.values()))))
+    row = dict(zip(sums, (x / run.world for x in distributed.global_sum(*sums.values()))))
     return row | update | {"step_time_s": timer.total()}
 
 
@@ -100,7 +105,7 @@ def evaluate(run) -> tuple[dict, list[dict]]:
         c, r = pair_scores(run, mine[i : i + run.args.micro_batch_size])
         chosen += c.tolist()
         rejected += r.tolist()
-    everyone = plumbing.all_gather_objects((chosen, rejected))
+    everyone = distributed.all_gather_objects((chosen, rejected))
     chosen = torch.tensor([x for c, _ in everyone for x in c], dtype=torch.float64)  # (N,)
     rejected = torch.tensor([x for _, r in everyone for x in r], dtype=torch.float64)  # (N,)
     both = torch.cat([chosen, rejected])  # (2N,)
@@ -115,26 +120,26 @@ def evaluate(run) -> tuple[dict, list[dict]]:
 # ======================================================================================================================
 def load_pairs(args, tok, name: str) -> tuple[list[Pair], list[Pair]]:
     """Training and held-out Pairs of a preference data set (see the module docstring for its columns)."""
-    train = plumbing.load_split(args, name, args.split)
-    evals = plumbing.load_split(args, name, args.eval_split) if args.eval_size else None
+    train = data.load_split(args, name, args.split)
+    evals = data.load_split(args, name, args.eval_split) if args.eval_size else None
     for ds in filter(None, (train, evals)):
-        plumbing.check_columns(ds, name, ["chosen", "rejected"], "a preference data set: chosen, rejected, and an "
-                               "optional prompt and margin")
+        data.check_columns(ds, name, ["chosen", "rejected"], "a preference data set: chosen, rejected, and an "
+                           "optional prompt and margin")
     pairs = tokenize_pairs(train, tok, args, f"{name!r} (split {args.split!r})")
     eval_pairs = tokenize_pairs(evals, tok, args, f"{name!r} (split {args.eval_split!r})") if evals is not None else []
     if evals is None and args.eval_size:
         n = min(args.eval_size, len(pairs) // 5)
         if n == 0:
-            raise plumbing.UserError(f"dataset {name!r}: {len(pairs)} pairs and no split {args.eval_split!r}: too few "
-                                     "to hold out an evaluation set (20% of them); give --eval-size 0 or --eval-split")
-        plumbing.say(f"dataset {name!r} has no split {args.eval_split!r}: the last {n} of {len(pairs)} pairs are held "
-                     "out")
+            raise UserError(f"dataset {name!r}: {len(pairs)} pairs and no split {args.eval_split!r}: too few "
+                            "to hold out an evaluation set (20% of them); give --eval-size 0 or --eval-split")
+        say(f"dataset {name!r} has no split {args.eval_split!r}: the last {n} of {len(pairs)} pairs are held "
+            "out")
         pairs, eval_pairs = pairs[: len(pairs) - n], pairs[len(pairs) - n :]
     return pairs, eval_pairs[: args.eval_size]
 
 
 def tokenize_pairs(ds, tok, args, where: str) -> list[Pair]:
-    """A Pair per row, as rewards.reward_model_ids tokenises what it scores; identical pairs are refused, pairs with a
+    """A Pair per row, as scoring.reward_model_ids tokenises what it scores; identical pairs are refused, pairs with a
     null response and pairs over --max-length tokens dropped and counted."""
     pairs, identical, too_long, null = [], [], 0, []
     margins = ds["margin"] if "margin" in ds.column_names else [0.0] * len(ds)
@@ -147,24 +152,24 @@ def tokenize_pairs(ds, tok, args, where: str) -> list[Pair]:
         if chosen == rejected:
             identical.append(i)
             continue
-        pair = Pair(chosen=rewards_lib.reward_model_ids(tok, prompt, chosen),
-                    rejected=rewards_lib.reward_model_ids(tok, prompt, rejected), margin=float(margin or 0.0))
+        pair = Pair(chosen=scoring.reward_model_ids(tok, prompt, chosen),
+                    rejected=scoring.reward_model_ids(tok, prompt, rejected), margin=float(margin or 0.0))
         if max(len(pair.chosen), len(pair.rejected)) > args.max_length:
             too_long += 1
             continue
         pairs.append(pair)
     if identical:
         rows = ", ".join(map(str, identical[:5]))
-        raise plumbing.UserError(f"dataset {where}: {len(identical)} pairs have the same chosen and rejected text "
-                                 f"(rows {rows}): a comparison needs two different responses")
+        raise UserError(f"dataset {where}: {len(identical)} pairs have the same chosen and rejected text "
+                        f"(rows {rows}): a comparison needs two different responses")
     if null:
-        plumbing.say(f"dataset {where}: dropped {len(null)} of {len(ds)} pairs whose chosen or rejected response is "
-                     f"null (rows {plumbing.first_rows(null)})")
+        say(f"dataset {where}: dropped {len(null)} of {len(ds)} pairs whose chosen or rejected response is "
+            f"null (rows {data.first_rows(null)})")
     if too_long:
-        plumbing.say(f"dataset {where}: dropped {too_long} of {len(ds)} pairs longer than --max-length "
-                     f"{args.max_length} tokens")
+        say(f"dataset {where}: dropped {too_long} of {len(ds)} pairs longer than --max-length "
+            f"{args.max_length} tokens")
     if not pairs:
-        raise plumbing.UserError(f"dataset {where}: no pair to train on")
+        raise UserError(f"dataset {where}: no pair to train on")
     return pairs
 
 
@@ -178,9 +183,9 @@ def check_pair_types(prompt, chosen, rejected, where: str, row: int) -> bool:
     talks = all(isinstance(r, list) and r and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in r)
                 for r in (chosen, rejected)) and (prompt is None or isinstance(prompt, list))
     if not (texts or talks):
-        raise plumbing.UserError(f"dataset {where}, row {row}: prompt, chosen and rejected must all be texts or all "
-                                 "conversations (lists of {'role', 'content'} messages), not "
-                                 f"{type(prompt).__name__}, {type(chosen).__name__} and {type(rejected).__name__}")
+        raise UserError(f"dataset {where}, row {row}: prompt, chosen and rejected must all be texts or all "
+                        "conversations (lists of {'role', 'content'} messages), not "
+                        f"{type(prompt).__name__}, {type(chosen).__name__} and {type(rejected).__name__}")
     return True
 
 
@@ -190,12 +195,12 @@ def pair_texts(tok, prompt, chosen, rejected, where: str, row: int) -> tuple[str
     message's content. Plain text without a prompt: the common prefix of the two texts is the prompt."""
     if isinstance(chosen, list):  # [{"role": ..., "content": ...}, ...]
         if not tok.chat_template:
-            raise plumbing.UserError(f"dataset {where} holds conversations, and the tokenizer of --model has no chat "
-                                     "template to write them with")
+            raise UserError(f"dataset {where} holds conversations, and the tokenizer of --model has no chat "
+                            "template to write them with")
         messages = prompt if prompt is not None else chosen[:-1]
         if prompt is None and rejected[:-1] != messages:
-            raise plumbing.UserError(f"dataset {where}, row {row}: chosen and rejected conversations differ before "
-                                     "their last message, and there is no prompt column")
+            raise UserError(f"dataset {where}, row {row}: chosen and rejected conversations differ before "
+                            "their last message, and there is no prompt column")
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text, chosen[-1]["content"], rejected[-1]["content"]
     if prompt is None:
@@ -220,7 +225,7 @@ def sample_comparisons(policy, tok, rows: list, sampler: sampling.Sampler, seed:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     found = []
     for r in range(ROUNDS):
-        torch.manual_seed(plumbing.seed_for(seed, r, rank))
+        torch.manual_seed(distributed.seed_for(seed, r, rank))
         mine = list(range(rank, len(rows), world))
         done = sampling.generate(policy, tok, [rows[i].ids for i in mine], sampler, repeat=2)
         for k, i in enumerate(mine):
@@ -229,7 +234,7 @@ def sample_comparisons(policy, tok, rows: list, sampler: sampling.Sampler, seed:
             if right[0] != right[1] and a != b:  # one right, one wrong: the checker prefers the right one
                 chosen, rejected = (a, b) if right[0] else (b, a)
                 found.append({"prompt": rows[i].text, "chosen": chosen, "rejected": rejected, "group": i})
-    return [c for part in plumbing.all_gather_objects(found) for c in part]
+    return [c for part in distributed.all_gather_objects(found) for c in part]
 
 
 def distinct_pairs(comparisons: list[dict]) -> list[dict]:
@@ -258,12 +263,12 @@ def embedded_comparisons(args, policy, tok, rows: list, sampler: sampling.Sample
                 "rounds": ROUNDS, "max_new_tokens": args.max_new_tokens}
     meta = os.path.join(path, "meta.json")
     fresh = os.path.isfile(meta) and json.load(open(meta)) == settings
-    if not plumbing.all_gather_objects(fresh)[0]:
+    if not distributed.all_gather_objects(fresh)[0]:
         comparisons = sample_comparisons(policy, tok, rows, sampler, args.seed)
         if torch.distributed.get_rank() == 0:
             embedded_task.built(path, settings, lambda tmp: write_comparisons(tmp, comparisons, len(rows)))
-            plumbing.say(f"comparisons: {len(distinct_pairs(comparisons))} distinct pairs ({len(comparisons)} drawn) "
-                         f"from {ROUNDS} rounds of two samples of each of the {len(rows)} training prompts by "
-                         f"{args.model} (ties dropped), in {path}")
+            say(f"comparisons: {len(distinct_pairs(comparisons))} distinct pairs ({len(comparisons)} drawn) "
+                f"from {ROUNDS} rounds of two samples of each of the {len(rows)} training prompts by "
+                f"{args.model} (ties dropped), in {path}")
     torch.distributed.barrier()
     return path

@@ -7,7 +7,7 @@ PPO at scale" (a verifier returns 1 at the end, 0 otherwise); document 003 ("GRP
 Model"), "Group Sampling and Relative Reward Baseline Estimation" (binary rewards for accuracy and for format). The
 documents name the format reward without spelling it out: `<think>…</think><answer>…</answer>` is DeepSeek-R1's
 convention. Document 004 lost its two display equations; the ones below are the standard Bradley–Terry forms that
-its prose describes (README, "Errata in the documents").
+its prose describes (docs/errata.md).
 
 Equations
   R_acc(y, y*)  = 1[ parse(extract(y)) ≈ parse(extract(y*)) ]          numeric equality within a tolerance
@@ -191,9 +191,9 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
 def combined_reward(completion: str | None, answer: str | None, spec: str | Sequence[tuple[str, float]]) -> float:
     """Weighted sum of the named rewards; `spec` is a string for parse_reward_spec or its parsed list.
 
-    Reference form: the trainer computes this in plumbing.py:apply_rewards (Σ_k w_k·fn_k over the functions that
-    plumbing.load_reward_functions builds from --reward, module:function terms included, each call guarded so that a
-    reward that raises is named); tests/test_rewards.py::test_rule_based_rewards_agree_with_plumbing_apply_rewards
+    Reference form: the trainer computes this in scoring.py:apply_rewards (Σ_k w_k·fn_k over the functions that
+    scoring.load_reward_functions builds from --reward, module:function terms included, each call guarded so that a
+    reward that raises is named); tests/test_rewards.py::test_rule_based_rewards_agree_with_the_trainers_apply_rewards
     checks the two agree.
     """
     terms = parse_reward_spec(spec) if isinstance(spec, str) else spec
@@ -204,8 +204,8 @@ def combined_reward(completion: str | None, answer: str | None, spec: str | Sequ
 def rule_based_rewards(completions: Sequence[str], answers: Sequence[str], spec: str) -> torch.Tensor:
     """combined_reward for a batch of B completions, as the float32 tensor the advantage code consumes.
 
-    Reference form: the trainer computes this in plumbing.py:apply_rewards (the same sum, accumulated in a float32
-    tensor, reward by reward); tests/test_rewards.py::test_rule_based_rewards_agree_with_plumbing_apply_rewards
+    Reference form: the trainer computes this in scoring.py:apply_rewards (the same sum, accumulated in a float32
+    tensor, reward by reward); tests/test_rewards.py::test_rule_based_rewards_agree_with_the_trainers_apply_rewards
     checks the two agree.
     """
     terms = parse_reward_spec(spec)  # parse once, fail before scoring anything
@@ -251,66 +251,7 @@ def pad_batch(sequences: Sequence[Sequence[int]], *, pad_id: int, padding_side: 
     return input_ids, attention_mask
 
 
-def reward_model_ids(tokenizer, prompt: str, response: str) -> list[int]:
-    """The token ids a reward model scores, in training and in RL alike: prompt + response, read at its last token.
-
-    Document 004 reads the score at "the last token position of the response (the EOS token)", and TRL appends an
-    EOS to plain text. Here nothing is appended: an SFT model predicts EOS but never reads one as input, so at an
-    appended EOS its hidden state starts untrained. Measured on the embedded task (same comparisons, same steps):
-    held-out pair accuracy 0.835 with an EOS appended, 0.945 without (README, "The pipeline"). Special tokens (a
-    BOS) are added unless the text already begins with one (a chat template writes its own)."""
-    text = prompt + response
-    special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """r_φ(x, y) of each row: the score head's output at the row's last real token, found from the attention mask,
-    whatever the padding side; (b, L), (b, L) → (b,), with the graph (so it trains as well as it scores).
-
-    A transformers *ForSequenceClassification pools at the rightmost token that is not config.pad_token_id. Where pad
-    = EOS (common), an EOS the text ends with counts as padding, and the score comes from the token before it
-    (transformers #35352). So for this one call a forward hook on the head replaces its per-position output (b, L, 1)
-    by the value at each row's last real token, at every position: whichever position the model's own pooling then
-    picks, it returns that value. The score comes out of the model's own forward, so a sharded model's backward hooks
-    (FSDP2's, registered on its outputs) run as for any loss. A (b, 1) head output is an encoder that pools before
-    its head (BERT's [CLS]): it is left as it is."""
-    # last real position = L − 1 − (index of the first 1 in the reversed mask; argmax returns the first maximum)
-    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).float().argmax(1)  # (b,)
-
-    def at_last_token(module, inputs, output):
-        if output.dim() == 2:
-            return output  # (b, 1)
-        return output[torch.arange(len(last)), last][:, None].expand_as(output)  # (b, L, 1)
-
-    head = getattr(model, "score", None) or getattr(model, "classifier")
-    hook = head.register_forward_hook(at_last_token)
-    try:
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, L) left padding: first real token at 0
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits  # (b, 1)
-    finally:
-        hook.remove()
-    return logits[:, 0]  # (b,)
 
 
-@torch.no_grad()
-def score_with_reward_model(model, tokenizer, prompts: Sequence[str], completions: Sequence[str], *,
-                            batch_size: int = 8) -> torch.Tensor:
-    """r_φ(x, y) for B (prompt, completion) pairs from a frozen num_labels=1 classifier → (B,) float32 on CPU.
-
-    Duck-typed: a transformers sequence-classification model (its head `score` or `classifier`) and tokenizer. The
-    text is reward_model_ids(prompt, completion): apply a chat template to the prompt before, if any.
-    """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if config.pad_token_id is None:  # transformers refuses a batch without one (its pooling, unused here, needs it)
-        config.pad_token_id = pad_id
-    ids = [reward_model_ids(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
-    device = next(model.parameters()).device
-    model.eval()  # frozen during RL (004 "Training details"): no dropout
-    scores = [torch.zeros(0)]
-    for start in range(0, len(ids), batch_size):
-        input_ids, attention_mask = pad_batch(ids[start : start + batch_size], pad_id=pad_id, padding_side="left")
-        scores.append(last_token_scores(model, input_ids.to(device), attention_mask.to(device)).float().cpu())  # (b,)
-    return torch.cat(scores)  # (B,)

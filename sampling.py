@@ -18,8 +18,10 @@ from typing import NamedTuple
 
 import torch
 
-import plumbing
+import distributed
 import rewards as rewards_lib
+import scoring
+from distributed import UserError
 
 
 class Sampler(NamedTuple):
@@ -69,7 +71,7 @@ def generate(policy, tok, prompt_ids: list, sampler: Sampler, greedy: bool = Fal
     with unsharded(policy), recording_sampler(drawn):
         out = policy.generate(input_ids=ids, attention_mask=mask, synced_gpus=False, generation_config=config)
     P, n_new = ids.shape[1], out.shape[1] - ids.shape[1]
-    T = int(plumbing.all_reduce(torch.tensor([n_new]), op=torch.distributed.ReduceOp.MAX))  # the collective
+    T = int(distributed.all_reduce(torch.tensor([n_new]), op=torch.distributed.ReduceOp.MAX))  # the collective
     completion = torch.nn.functional.pad(out[:, P:], (0, T - n_new), value=pad)  # (B, T)
     is_eos = torch.isin(completion, torch.tensor(sampler.eos_ids, device=device))  # (B, T)
     first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), T)  # (B,) T when there is none
@@ -99,16 +101,16 @@ def greedy_eval(policy, tok, rows: list, sampler: Sampler, reward_fns: list) -> 
         chunk = mine[i : i + 64]
         done = generate(policy, tok, [r.ids for r in chunk or rows[:1]], sampler, greedy=True)
         texts, answers = done.texts[: len(chunk)], [r.answer for r in chunk]
-        rewards, failed = plumbing.apply_rewards(reward_fns, texts, answers,
+        rewards, failed = scoring.apply_rewards(reward_fns, texts, answers,
                                                  lambda k: f"evaluation prompt {rank + (i + k) * world}")
         reward_sum, problem = reward_sum + rewards.sum().item(), problem or failed
         samples += [{"prompt": r.text, "completion": t, "answer": r.answer,
                      "correct": rewards_lib.math_reward(t, r.answer) == 1.0} for r, t in zip(chunk, texts)]
-    plumbing.stop_if_any_rank(problem)
-    correct, n, reward_sum = plumbing.global_sum(sum(s["correct"] for s in samples), len(samples), reward_sum)
+    distributed.stop_if_any_rank(problem)
+    correct, n, reward_sum = distributed.global_sum(sum(s["correct"] for s in samples), len(samples), reward_sum)
     metrics = {"eval_accuracy": correct / n, "eval_n": int(n)}
     metrics |= {"eval_reward_mean": reward_sum / n} if reward_fns else {}
-    return metrics, [s for part in plumbing.all_gather_objects(samples) for s in part]
+    return metrics, [s for part in distributed.all_gather_objects(samples) for s in part]
 
 
 @contextlib.contextmanager
@@ -184,8 +186,8 @@ def check_sampler_is_neutral(model, generation_config) -> None:
     for p in processors:
         if type(p).__name__ != "TemperatureLogitsWarper":
             field = PROCESSOR_FIELDS.get(type(p).__name__, "an option of the model's own generate()")
-            raise plumbing.UserError(f"the model's generation settings add {type(p).__name__} ({field}), which cannot "
-                                     "be neutralised: sampling would not be the policy that the loss scores")
+            raise UserError(f"the model's generation settings add {type(p).__name__} ({field}), which cannot "
+                            "be neutralised: sampling would not be the policy that the loss scores")
 
 
 @contextlib.contextmanager

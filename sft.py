@@ -20,15 +20,19 @@ from typing import NamedTuple
 
 import torch
 
+import data
+import distributed
 import logprobs as logprobs_lib
-import plumbing
+import metrics
+import optim
 import rewards as rewards_lib
+from distributed import UserError, say
 
 
 class Example(NamedTuple):
     """One supervised row, tokenised once."""
 
-    prompt: plumbing.PromptRow  # the prompt as the policy sees it; prompt.answer is the response text
+    prompt: data.PromptRow  # the prompt as the policy sees it; prompt.answer is the response text
     response_ids: list[int]  # the answer's token ids + EOS
 
 
@@ -46,10 +50,10 @@ def make_examples(tok, rows: list, max_length: int) -> list[Example]:
     examples = [Example(prompt=r, response_ids=ids + [tok.eos_token_id]) for r, ids in zip(rows, responses)]
     kept = [e for e in examples if len(e.prompt.ids) + len(e.response_ids) <= max_length]
     if len(kept) < len(examples):
-        plumbing.say(f"sft: dropped {len(examples) - len(kept)} of {len(examples)} rows longer than --max-length "
-                     f"{max_length} tokens (prompt + response + EOS)")
+        say(f"sft: dropped {len(examples) - len(kept)} of {len(examples)} rows longer than --max-length "
+            f"{max_length} tokens (prompt + response + EOS)")
     if not kept:
-        raise plumbing.UserError(f"sft: no row fits --max-length {max_length}")
+        raise UserError(f"sft: no row fits --max-length {max_length}")
     return kept
 
 
@@ -66,14 +70,13 @@ def batch_tensors(examples: list[Example], pad_id: int, device) -> tuple[torch.T
 
 
 def sft_step(run, step: int) -> dict:
-    """One optimizer step on --prompts-per-step rows, the step's slice of the epochs (plumbing.rows_for_step):
+    """One optimizer step on --prompts-per-step rows, the step's slice of the epochs (data.rows_for_step):
     gradients accumulate over micro-batches, every mean divides by the whole batch's response-token count. Returns
     the logged row."""
-    args, timer = run.args, plumbing.StepTimer(run.device)
-    _, mine = plumbing.rows_for_step(len(run.train_rows), args.prompts_per_step, args.seed, step, run.rank,
-                                     run.world)
+    args, timer = run.args, metrics.StepTimer(run.device)
+    _, mine = data.rows_for_step(len(run.train_rows), args.prompts_per_step, args.seed, step, run.rank, run.world)
     examples = [run.train_rows[i] for i in mine]
-    n_tok = plumbing.global_sum(sum(len(e.response_ids) for e in examples))[0] / run.world
+    n_tok = distributed.global_sum(sum(len(e.response_ids) for e in examples))[0] / run.world
     loss_sum, correct_sum = 0.0, 0.0
     for i in range(0, len(examples), args.micro_batch_size):
         input_ids, attention_mask, mask, P = batch_tensors(examples[i : i + args.micro_batch_size],
@@ -85,9 +88,9 @@ def sft_step(run, step: int) -> dict:
         loss.backward()
         loss_sum += loss.item()
         correct_sum += ((logits.detach().argmax(-1) == targets).float() * mask).sum().item() / n_tok
-    update = plumbing.clip_and_step(run.trained(), args.max_grad_norm)
+    update = optim.optimizer_step(run, args.max_grad_norm)
     timer.lap("update")
-    loss_sum, correct_sum = (x / run.world for x in plumbing.global_sum(loss_sum, correct_sum))
+    loss_sum, correct_sum = (x / run.world for x in distributed.global_sum(loss_sum, correct_sum))
     seconds = timer.total()
     return {"loss": loss_sum, "token_accuracy": correct_sum} | update | {"step_time_s": seconds,
                                                                          "tokens_per_s": n_tok * run.world / seconds}

@@ -9,8 +9,10 @@ model, then PPO or GRPO; one loop, one process or many, CPU or GPU, FSDP2 throug
 The RL step reads as documents 002 ("Implementation and Training Loop") and 004 ("PPO training loop: one iteration")
 write it: sample G completions per prompt under π_θold → score them → log-probs under π_θold and π_ref, values under
 V_ψold → advantages → epochs × minibatches of clipped-surrogate steps. The math lives in gae.py, ppo.py, grpo.py,
-rewards.py and logprobs.py; every option in options.py; torchrun/FSDP2, loading and checkpoints in plumbing.py; how
-completions are drawn in sampling.py; the offline default task in embedded_task.py.
+rewards.py and logprobs.py; every option in options.py; the rest in rooms named for what they hold: distributed.py
+(ranks, collectives), models.py (loading, FSDP2, scalar heads), data.py, scoring.py (rewards applied, a reward model's
+score), optim.py, checkpoints.py (and the resume rules), metrics.py, run_dir.py (the --out lock); how completions are
+drawn in sampling.py; the offline default task in embedded_task.py.
 
 Run manual
 ----------
@@ -45,19 +47,26 @@ import numpy as np
 import torch
 import transformers
 
+import checkpoints
+import data
+import distributed
 import embedded_task
 import gae
 import grpo
 import logprobs as logprobs_lib
+import metrics
+import models
+import optim
 import options
-import plumbing
 import ppo
 import reward_model
 import rewards as rewards_lib
+import run_dir
 import sampling
+import scoring
 import sft
+from distributed import UserError, all_gather_cat, global_sum, say, seed_for
 from options import Args
-from plumbing import UserError, all_gather_cat, global_sum, seed_for
 
 
 @dataclass
@@ -72,6 +81,7 @@ class Rollout:
     prompts: list  # B prompt texts exactly as the policy saw them (chat template applied)
     answers: list  # B reference answers
     texts: list  # B decoded completions (before the first EOS)
+    truncated: torch.Tensor | None = None  # (B,) True where no EOS came within --max-new-tokens
     sampler_logprobs: torch.Tensor | None = None  # (B, T) log p(token) under the distribution generate() drew from
     scores: torch.Tensor | None = None  # (B,) sequence rewards R_i: what the loss is trained on
     gold_scores: torch.Tensor | None = None  # (B,) the verifiable reward, logged beside a learned one, never trained on
@@ -108,7 +118,7 @@ class Run:
     world: int
     device: torch.device
     tok: object  # the tokenizer of the trained model
-    train_rows: list  # sft: sft.Example; rm: reward_model.Pair; grpo, ppo: plumbing.PromptRow
+    train_rows: list  # sft: sft.Example; rm: reward_model.Pair; grpo, ppo: data.PromptRow
     eval_rows: list  # PromptRow (sft, grpo, ppo) or Pair (rm)
     optimizers: dict  # one AdamW per trained model, by the name of its field: "policy", "critic", "reward_model"
     base_lr: dict  # each optimizer's learning rate before the schedule
@@ -123,6 +133,7 @@ class Run:
     sampler: sampling.Sampler | None = None  # how completions are drawn (sampling.make_sampler)
     hf_generation_config: object = None  # the checkpoint's own generation config, restored in the export
     beta: float = 0.0  # β now: --beta at step 1, moved each step by --adaptive-kl-target
+    memory_plan: dict | None = None  # memory.json but the measured bytes, until the first optimizer step writes it
 
     def trained(self) -> dict:
         """{name: (model, optimizer)} of the models this stage trains."""
@@ -130,104 +141,11 @@ class Run:
 
 
 # ======================================================================================================================
-# The loop, the same for every stage
-# ======================================================================================================================
-SHOWN = {"sft": ("loss", "token_accuracy"), "rm": ("loss", "pair_accuracy"), "grpo": ("reward_mean", "kl"),
-         "ppo": ("reward_mean", "kl")}  # on the progress bar
-
-
-def train(run: Run, start: int, metrics: plumbing.MetricsLog, reached: bool = False) -> tuple[int, dict | None]:
-    """Steps start+1 … --steps of the stage; evaluation at step 0 and every --eval-every steps; a checkpoint and an
-    export every --save-every steps and at the end. The sft stage ends at the first evaluation whose eval_accuracy
-    reaches --sft-target (reached: it already has, in the checkpoint resumed). Returns the last step and the last
-    evaluation's row (None when none ran)."""
-    from tqdm import tqdm
-
-    args, evaluation = run.args, None
-    step_fn, evaluate_fn = {"sft": (sft.sft_step, evaluate), "rm": (reward_model.rm_step, reward_model.evaluate),
-                            "grpo": (rl_step, evaluate), "ppo": (rl_step, evaluate)}[args.algo]  # one step, one eval
-    if start == 0 and args.eval_size:
-        evaluation = log_evaluation(run, 0, metrics, evaluate_fn)
-        reached = target_reached(args, evaluation)
-        if reached:
-            save(run, 0, reached)
-            return 0, evaluation
-    if reached or start >= args.steps:
-        why = " (--sft-target reached)" if reached else f" (--steps {args.steps}): nothing to do; a larger --steps " \
-                                                         "with --resume extends it"
-        plumbing.say(f"the run in {args.out} is already complete at step {start}{why}")
-        return start, evaluation
-    bar = tqdm(range(start + 1, args.steps + 1), disable=run.rank != 0, desc=args.algo, dynamic_ncols=True)
-    for step in bar:
-        lr = plumbing.set_learning_rates(run.trained(), run.base_lr, step, args.steps, args.lr_schedule)
-        row = step_fn(run, step) | {"lr": lr, "epoch": plumbing.epochs_done(step, args.prompts_per_step,
-                                                                             len(run.train_rows))}
-        metrics.write({"step": step} | row)
-        bar.set_postfix({k: "-" if row.get(k) is None else f"{row[k]:.3f}" for k in SHOWN[args.algo]})
-        if args.adaptive_kl_target and row.get("kl") is not None:  # β for the next step (Ziegler et al. 2019)
-            run.beta = ppo.adaptive_kl_beta(run.beta, row["kl"], args.adaptive_kl_target, args.kl_horizon,
-                                            args.prompts_per_step * args.group_size)
-        if args.eval_size and (step % args.eval_every == 0 or step == args.steps):
-            evaluation = log_evaluation(run, step, metrics, evaluate_fn)
-            reached = target_reached(args, evaluation)
-        if reached or (args.save_every and step % args.save_every == 0) or step == args.steps:
-            save(run, step, reached)
-        if reached:
-            break
-    bar.close()
-    return step, evaluation
-
-
-def log_evaluation(run: Run, step: int, metrics: plumbing.MetricsLog, evaluate_fn) -> dict:
-    """Collective: one evaluation, its row in metrics.jsonl and a line; its greedy completions in
-    eval_completions.jsonl. Returns the row."""
-    row, samples = evaluate_fn(run)
-    metrics.write({"step": step} | row)
-    name = next(iter(row))  # eval_accuracy, or eval_pair_accuracy for rm
-    plumbing.say(f"step {step} {name} {row[name]:.3f} (of {row['eval_n']})")
-    if run.rank == 0 and samples:
-        plumbing.write_jsonl(os.path.join(run.args.out, "eval_completions.jsonl"), samples)
-    return row
-
-
-def target_reached(args: Args, evaluation: dict) -> bool:
-    """Whether the sft stage's evaluation reached --sft-target (0 = never: the stage runs its --steps)."""
-    return args.algo == "sft" and 0 < args.sft_target <= evaluation["eval_accuracy"]
-
-
-def finished_line(run: Run, step: int, evaluation: dict | None) -> str:
-    """The stage's last line: where it stopped, what its last evaluation reached, where its model and checkpoint are."""
-    args = run.args
-    line = f"{args.algo} finished at step {step}"
-    if evaluation:
-        name = next(iter(evaluation))
-        line += f": {name} {evaluation[name]:.3f}" + (f" (--sft-target {args.sft_target} reached)"
-                                                       if target_reached(args, evaluation) else "")
-    saved = plumbing.latest_checkpoint(args.out)
-    return line + (f"; model in {os.path.join(args.out, 'hf')}" if args.export else "") + f"; checkpoint {saved}"
-
-
-def save(run: Run, step: int, reached: bool) -> None:
-    """Collective: a checkpoint (models, optimizers, β, whether --sft-target was reached) and the export to OUT/hf:
-    the policy, or the reward model with its held-out scores' mean and std in its config."""
-    plumbing.save_checkpoint(run.args, step, run.trained(), {"beta": run.beta, "reached_target": reached,
-                                                            "world": run.world})
-    if not run.args.export:
-        return
-    if run.args.algo == "rm":
-        stats = reward_model.evaluate(run)[0] if run.eval_rows else {}
-        norm = {"reward_mean": stats["eval_reward_mean"], "reward_std": stats["eval_reward_std"]} if stats else {}
-        plumbing.export_hf(run.reward_model, run.tok, run.args.out, config_updates=norm)
-    else:
-        plumbing.export_hf(run.policy, run.tok, run.args.out, run.hf_generation_config)
-
-
-# ======================================================================================================================
 # The RL step
 # ======================================================================================================================
 def rl_step(run: Run, step: int) -> dict:
     """One iteration: sample → score → log-probs and values → advantages → epochs of clipped updates → a logged row."""
-    args, timer = run.args, plumbing.StepTimer(run.device)
+    args, timer = run.args, metrics.StepTimer(run.device)
     torch.manual_seed(seed_for(args.seed, step, run.rank))  # sampling noise: a pure function of (seed, step, rank)
     # 1. sample G completions per prompt under π_θold
     batch = sample(run, prompts_for_step(run, step), repeat=args.group_size)
@@ -248,19 +166,27 @@ def rl_step(run: Run, step: int) -> dict:
     for rows in minibatch_order(run, len(batch), step):
         terms = minibatch_gradients(run, batch.select(rows))  # backward of L = −J + β·KL − c_h·H, and c_v·L_V
         if ppo.kl_early_stop(terms["approx_kl"], args.early_stop_kl or None):  # the same global value on every rank
-            stopped = [optimizer.zero_grad(set_to_none=True) for optimizer in run.optimizers.values()] or True
+            for optimizer in run.optimizers.values():  # this minibatch's gradients are dropped, not stepped
+                optimizer.zero_grad(set_to_none=True)
+            stopped = True
             break
-        stats.append(terms | plumbing.clip_and_step(run.trained(), args.max_grad_norm))
+        stats.append(terms | optim.optimizer_step(run, args.max_grad_norm))
     timer.lap("update")
     # 6. the logged row: rollout statistics, the update's means, where the time went
-    row = rollout_metrics(run, batch) | summarize(stats, stopped) | timer.times | {"step_time_s": timer.total()}
-    return row | {"tokens_per_s": row.pop("_tokens") / timer.total()} | plumbing.peak_memory_gib(run.device)
+    rollout, tokens = rollout_metrics(run, batch)  # tokens: the completion tokens of every rank
+    row = rollout | summarize(stats, stopped) | timer.times | {"step_time_s": timer.total(),
+                                                               "tokens_per_s": tokens / timer.total()}
+    # 7. β for the next step: Ziegler et al. 2019's controller moves it toward --adaptive-kl-target (ppo.py)
+    if args.adaptive_kl_target and row["kl"] is not None:
+        run.beta = ppo.adaptive_kl_beta(run.beta, row["kl"], args.adaptive_kl_target, args.kl_horizon,
+                                        args.prompts_per_step * args.group_size)
+    return row | metrics.peak_memory_gib(run.device)
 
 
 def prompts_for_step(run: Run, step: int) -> list:
-    """This rank's share of the step's --prompts-per-step rows: a slice of the epochs (plumbing.rows_for_step)."""
+    """This rank's share of the step's --prompts-per-step rows: a slice of the epochs (data.rows_for_step)."""
     args = run.args
-    _, mine = plumbing.rows_for_step(len(run.train_rows), args.prompts_per_step, args.seed, step, run.rank, run.world)
+    _, mine = data.rows_for_step(len(run.train_rows), args.prompts_per_step, args.seed, step, run.rank, run.world)
     return [run.train_rows[i] for i in mine]
 
 
@@ -274,7 +200,7 @@ def sample(run: Run, rows: list, repeat: int) -> Rollout:
                    loss_mask=loss_mask, n_prompt=done.input_ids.shape[1] - done.completion_mask.shape[1],
                    prompts=[r.text for r in rows for _ in range(repeat)],
                    answers=[r.answer for r in rows for _ in range(repeat)], texts=done.texts,
-                   sampler_logprobs=done.sampler_logprobs)
+                   truncated=done.truncated, sampler_logprobs=done.sampler_logprobs)
 
 
 def score(run: Run, batch: Rollout, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -285,16 +211,16 @@ def score(run: Run, batch: Rollout, step: int) -> tuple[torch.Tensor, torch.Tens
     A reward that raises or is not finite, on any rank, stops every rank before anything reaches the optimizer; the
     first such rank names the reward and the sample (numbered across ranks, as in the global batch)."""
     first = run.rank * len(batch)
-    total, problem = plumbing.apply_rewards(run.reward_fns, batch.texts, batch.answers,
+    total, problem = scoring.apply_rewards(run.reward_fns, batch.texts, batch.answers,
                                             lambda i: f"sample {first + i} of step {step}")  # (B,)
-    plumbing.stop_if_any_rank(problem)
+    distributed.stop_if_any_rank(problem)
     if run.reward_model is None:
         return total.to(run.device), None
     with sampling.unsharded(run.reward_model):  # its parameters gathered once for the batch, not once per chunk
-        rm = rewards_lib.score_with_reward_model(run.reward_model, run.rm_tok, batch.prompts, batch.texts,
+        rm = scoring.score_with_reward_model(run.reward_model, run.rm_tok, batch.prompts, batch.texts,
                                                  batch_size=run.args.micro_batch_size)  # (B,)
     bad = (~torch.isfinite(rm)).nonzero()
-    plumbing.stop_if_any_rank(UserError(f"the reward model returned {rm[int(bad[0])].item()} on sample "
+    distributed.stop_if_any_rank(UserError(f"the reward model returned {rm[int(bad[0])].item()} on sample "
                                         f"{first + int(bad[0])} of step {step}") if len(bad) else None)
     if run.rm_norm is not None:  # r ← (r − mean)/std with the held-out statistics stored in the checkpoint
         rm = (rm - run.rm_norm[0]) / run.rm_norm[1]  # (B,)
@@ -403,16 +329,18 @@ def summarize(stats: list, stopped: bool) -> dict:
     return out | {"minibatches_taken": len(stats), "skipped_updates": skipped, "kl_early_stop": int(bool(stopped))}
 
 
-def rollout_metrics(run: Run, batch: Rollout) -> dict:
-    """Collective: the logged row's rollout statistics, reduced over all ranks (metric glossary in README.md). Every
-    rank makes the same collectives whether or not it has a reference or a sampler record (zeros stand in)."""
+def rollout_metrics(run: Run, batch: Rollout) -> tuple[dict, int]:
+    """Collective: the logged row's rollout statistics, reduced over all ranks (metric glossary in README.md), and the
+    completion tokens of all ranks. Every rank makes the same collectives whether or not it has a reference or a
+    sampler record (zeros stand in)."""
     args, mask = run.args, batch.completion_mask
     scores, valid = all_gather_cat(batch.scores), all_gather_cat((batch.loss_mask.sum(1) > 0).float()).bool()  # (W·B,)
     lengths = all_gather_cat(mask.sum(1))  # (W·B,)
+    cut = all_gather_cat(batch.truncated.float()) if batch.truncated is not None else torch.zeros(1)  # (W·B,)
     degenerate = grpo.degenerate_groups(scores.view(-1, args.group_size), valid.view(-1, args.group_size))  # (W·B/G,)
     row = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
            "frac_reward_zero_std": degenerate.float().mean().item(), "completion_len_mean": lengths.mean().item(),
-           "_tokens": lengths.sum().item(), "beta": run.beta, "kl": None, "rollout_logprob_diff": None}
+           "frac_truncated": cut.mean().item(), "beta": run.beta, "kl": None, "rollout_logprob_diff": None}
     if batch.gold_scores is not None:
         row["gold_reward_mean"] = all_gather_cat(batch.gold_scores).mean().item()
     zeros = torch.zeros_like(mask)  # (B, T)
@@ -425,12 +353,93 @@ def rollout_metrics(run: Run, batch: Rollout) -> dict:
         ev = ppo.explained_variance(all_gather_cat(batch.old_values), all_gather_cat(batch.returns),
                                     all_gather_cat(batch.loss_mask))
         row["explained_variance"] = ev.item()
-    return row
+    return row, int(lengths.sum().item())
 
 
 def evaluate(run: Run) -> tuple[dict, list[dict]]:
     """Collective: greedy accuracy on the evaluation prompts (sampling.greedy_eval); the metrics and the samples."""
     return sampling.greedy_eval(run.policy, run.tok, run.eval_rows, run.sampler, run.reward_fns)
+
+
+# ======================================================================================================================
+# The loop, the same for every stage
+# ======================================================================================================================
+SHOWN = {"sft": ("loss", "token_accuracy"), "rm": ("loss", "pair_accuracy"), "grpo": ("reward_mean", "kl"),
+         "ppo": ("reward_mean", "kl")}  # on the progress bar
+
+
+def train(run: Run, start: int, log: metrics.MetricsLog, reached: bool = False) -> tuple[int, dict | None]:
+    """Steps start+1 … --steps of the stage; evaluation at step 0 and every --eval-every steps; a checkpoint and an
+    export every --save-every steps and at the end. The sft stage ends at the first evaluation whose eval_accuracy
+    reaches --sft-target (reached: it already has, in the checkpoint resumed). Returns the last step and the last
+    evaluation's row (None when none ran)."""
+    from tqdm import tqdm
+
+    args, evaluation = run.args, None
+    step_fn, evaluate_fn = {"sft": (sft.sft_step, evaluate), "rm": (reward_model.rm_step, reward_model.evaluate),
+                            "grpo": (rl_step, evaluate), "ppo": (rl_step, evaluate)}[args.algo]  # one step, one eval
+    if start == 0 and args.eval_size:
+        evaluation = log_evaluation(run, 0, log, evaluate_fn)
+        reached = target_reached(args, evaluation)
+        if reached:
+            save(run, 0, reached)
+            return 0, evaluation
+    if reached or start >= args.steps:
+        why = " (--sft-target reached)" if reached else f" (--steps {args.steps}): nothing to do; a larger --steps " \
+                                                         "with --resume extends it"
+        say(f"the run in {args.out} is already complete at step {start}{why}")
+        return start, evaluation
+    bar = tqdm(range(start + 1, args.steps + 1), disable=run.rank != 0, desc=args.algo, dynamic_ncols=True)
+    for step in bar:
+        lr = optim.set_learning_rates(run.trained(), run.base_lr, step, args.steps, args.lr_schedule)
+        row = step_fn(run, step) | {"lr": lr, "epoch": data.epochs_done(step, args.prompts_per_step,
+                                                                             len(run.train_rows))}
+        log.write({"step": step} | row)
+        for line in metrics.rollout_warnings(row, args) if step == start + 1 else []:
+            say(line)
+        bar.set_postfix({k: "-" if row.get(k) is None else f"{row[k]:.3f}" for k in SHOWN[args.algo]})
+        if args.eval_size and (step % args.eval_every == 0 or step == args.steps):
+            evaluation = log_evaluation(run, step, log, evaluate_fn)
+            reached = target_reached(args, evaluation)
+        if reached or (args.save_every and step % args.save_every == 0) or step == args.steps:
+            save(run, step, reached)
+        if reached:
+            break
+    bar.close()
+    return step, evaluation
+
+
+def log_evaluation(run: Run, step: int, log: metrics.MetricsLog, evaluate_fn) -> dict:
+    """Collective: one evaluation, its row in metrics.jsonl and a line; its greedy completions in
+    eval_completions.jsonl. Returns the row."""
+    row, samples = evaluate_fn(run)
+    log.write({"step": step} | row)
+    name = next(iter(row))  # eval_accuracy, or eval_pair_accuracy for rm
+    say(f"step {step} {name} {row[name]:.3f} (of {row['eval_n']})")
+    if run.rank == 0 and samples:
+        metrics.write_jsonl(os.path.join(run.args.out, "eval_completions.jsonl"), samples)
+    return row
+
+
+def target_reached(args: Args, evaluation: dict) -> bool:
+    """Whether the sft stage's evaluation reached --sft-target (0 = never: the stage runs its --steps)."""
+    return args.algo == "sft" and 0 < args.sft_target <= evaluation["eval_accuracy"]
+
+
+def save(run: Run, step: int, reached: bool) -> None:
+    """Collective: a checkpoint (models, optimizers, β, whether --sft-target was reached) and the export to OUT/hf:
+    the policy, or the reward model with its held-out scores' mean and std in its config."""
+    checkpoints.save_checkpoint(run.args, step, run.trained(), {"beta": run.beta, "reached_target": reached,
+                                                            "world": run.world})
+    if not run.args.export:
+        return
+    if run.args.algo == "rm":
+        stats = reward_model.evaluate(run)[0] if run.eval_rows else {}
+        norm = {"reward_mean": stats["eval_reward_mean"], "reward_std": stats["eval_reward_std"],
+                "reward_pairs": stats["eval_n"]} if stats else {}
+        checkpoints.export_hf(run.reward_model, run.tok, run.args.out, config_updates=norm)
+    else:
+        checkpoints.export_hf(run.policy, run.tok, run.args.out, run.hf_generation_config)
 
 
 # ======================================================================================================================
@@ -440,146 +449,88 @@ def build_run(args: Args, rank: int, world: int, device: torch.device) -> Run:
     """The tokenizer, the data and the models of args.algo (sharded), their optimizers, the sampler."""
     mixed = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     from_nothing = args.model == os.path.join(args.out, embedded_task.MODEL_DIR)  # an sft stage of the tiny model
-    tok = None if from_nothing else plumbing.load_tokenizer(args.model, "--model", args.chat_template)  # checked first
-    data = embedded_task.prepare(args.out, args.seed, from_nothing) if from_nothing or not args.dataset else None
-    data, tok = args.dataset or data, tok or plumbing.load_tokenizer(args.model, "--model", args.chat_template)
+    tok = None if from_nothing else models.load_tokenizer(args.model, "--model", args.chat_template)  # checked first
+    source = embedded_task.prepare(args.out, args.seed, from_nothing) if from_nothing or not args.dataset else None
+    source, tok = args.dataset or source, tok or models.load_tokenizer(args.model, "--model", args.chat_template)
     if args.algo == "rm":
-        return build_reward_model_run(args, rank, world, device, tok, data)
-    policy_spec = plumbing.ModelSpec("policy", args.model, "--model", checkpointing=args.gradient_checkpointing)
-    policy, shapes, hf_generation_config = plumbing.load_model(policy_spec, device, mixed)
+        return build_reward_model_run(args, rank, world, device, tok, source)
+    policy_spec = models.ModelSpec("policy", args.model, "--model", checkpointing=args.gradient_checkpointing)
+    policy, shapes, hf_generation_config = models.load_model(policy_spec, device, mixed)
     context = getattr(policy.config, "max_position_embeddings", None)
-    train_rows, eval_rows = (plumbing.tokenize_prompts(tok, args, rows, context)
-                             for rows in plumbing.load_prompts(args, data))
-    verifiable = plumbing.verifiable(train_rows)
+    train_rows, eval_rows = (data.tokenize_prompts(tok, args, rows, context)
+                             for rows in data.load_prompts(args, source))
+    verifiable = data.verifiable(train_rows)
     if args.algo == "sft":
         train_rows = sft.make_examples(tok, train_rows, args.max_length or context)
         args.steps = math.ceil(len(train_rows) / args.prompts_per_step) if args.steps is None else args.steps
     run = Run(args=args, rank=rank, world=world, device=device, tok=tok, train_rows=train_rows, eval_rows=eval_rows,
               policy=policy, optimizers={}, base_lr={"policy": args.lr, "critic": args.critic_lr},
-              reward_fns=plumbing.load_reward_functions(args.reward), verifiable=verifiable,
+              reward_fns=scoring.load_reward_functions(args.reward), verifiable=verifiable,
               sampler=sampling.make_sampler(policy, tok, args.max_new_tokens, args.temperature, hf_generation_config),
               hf_generation_config=hf_generation_config, beta=args.beta)
-    shapes = {"policy": shapes} | (load_rl_models(run, mixed) if args.algo in ("grpo", "ppo") else {})
-    run.optimizers = {name: plumbing.adamw(getattr(run, name), run.base_lr[name], args.weight_decay)
+    shapes = {"policy": shapes} | (models.load_rl_models(run, mixed) if args.algo in ("grpo", "ppo") else {})
+    run.optimizers = {name: optim.adamw(getattr(run, name), run.base_lr[name], args.weight_decay)
                       for name in ("policy", "critic") if getattr(run, name) is not None}
     frozen = {name: getattr(run, name) for name in ("ref", "reward_model") if getattr(run, name) is not None}
-    plumbing.record_memory(args.out, run.trained(), frozen, shapes, mixed)
+    run.memory_plan = metrics.memory_plan(run.trained(), frozen, shapes, mixed)
     return run
 
 
-def load_rl_models(run: Run, mixed: bool) -> dict:
-    """Into `run`: the frozen reference (β > 0), PPO's critic and the frozen reward model (--reward-model), in the
-    compute dtype when frozen. Returns the parameter shapes of each, for the memory ledger."""
-    args, compute = run.args, torch.bfloat16 if mixed else torch.float32
-    shapes = {}
-    if args.beta > 0 or args.adaptive_kl_target:
-        spec = plumbing.ModelSpec("reference", args.model, "--model", dtype=compute)
-        run.ref, shapes["ref"], _ = plumbing.load_model(spec, run.device, mixed)
-        run.ref.requires_grad_(False)
-    if args.reward_model:
-        run.rm_tok = plumbing.load_tokenizer(args.reward_model, "--reward-model")
-        run.rm_norm = plumbing.reward_model_stats(args.reward_model) if args.reward_model_normalize else None
-        spec = plumbing.ModelSpec("reward_model", args.reward_model, "--reward-model", dtype=compute)
-        run.reward_model, shapes["reward_model"], _ = plumbing.load_model(spec, run.device, mixed)
-        run.reward_model.requires_grad_(False)
-    if args.algo == "ppo":
-        from_rm = args.critic_init != "policy"
-        # from the reward model that scores the run, the head computes r_φ as score() adds it: V = R at step 0
-        scores_run = from_rm and args.reward_model and plumbing.same_checkpoint(args.critic_init, args.reward_model)
-        affine = plumbing.critic_head_affine(args.reward_model_weight, run.rm_norm) if scores_run else None
-        spec = plumbing.ModelSpec("critic", args.critic_init if from_rm else args.model,
-                                  "--critic-init" if from_rm else "--model", checkpointing=args.gradient_checkpointing,
-                                  head_affine=affine)
-        run.critic, shapes["critic"], _ = plumbing.load_model(spec, run.device, mixed)
-    return shapes
-
-
-def build_reward_model_run(args: Args, rank: int, world: int, device, tok, data: str | None) -> Run:
+def build_reward_model_run(args: Args, rank: int, world: int, device, tok, source: str | None) -> Run:
     """--algo rm: the comparisons (a preference data set, or sampled from --model on the embedded task), then the
     reward model to train, a sequence classifier started from --model."""
     mixed = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    spec = plumbing.ModelSpec("reward_model_init", args.model, "--model", checkpointing=args.gradient_checkpointing)
+    spec = models.ModelSpec("reward_model_init", args.model, "--model", checkpointing=args.gradient_checkpointing)
     if not args.dataset:  # the embedded task: comparisons of two samples of the --model policy
-        policy, _, generation = plumbing.load_model(plumbing.ModelSpec("policy", args.model, "--model"), device, mixed)
-        rows = plumbing.tokenize_prompts(tok, args, plumbing.load_prompts(dataclasses.replace(args, eval_size=0),
-                                                                          data)[0], None)
+        policy, _, generation = models.load_model(models.ModelSpec("policy", args.model, "--model"), device, mixed)
+        rows = data.tokenize_prompts(tok, args, data.load_prompts(dataclasses.replace(args, eval_size=0), source)[0],
+                                     None)
         sampler = sampling.make_sampler(policy, tok, args.max_new_tokens, 1.0, generation)
-        data = reward_model.embedded_comparisons(args, policy, tok, rows, sampler)
+        source = reward_model.embedded_comparisons(args, policy, tok, rows, sampler)
         del policy
     torch.manual_seed(args.seed)  # the new score head: the same start with or without the comparisons' sampling
-    model, shapes, _ = plumbing.load_model(spec, device, mixed)
+    model, shapes, _ = models.load_model(spec, device, mixed)
     if model.config.pad_token_id is None:  # transformers' pooling refuses a batch without one (read or not)
         model.config.pad_token_id = tok.pad_token_id
     context = getattr(model.config, "max_position_embeddings", None)
     args.max_length = args.max_length or context
-    train_rows, eval_rows = reward_model.load_pairs(args, tok, data)
+    train_rows, eval_rows = reward_model.load_pairs(args, tok, source)
     args.steps = math.ceil(len(train_rows) / args.prompts_per_step) if args.steps is None else args.steps
-    optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
+    optimizer = optim.adamw(model, args.lr, args.weight_decay)
     run = Run(args=args, rank=rank, world=world, device=device, tok=tok, train_rows=train_rows, eval_rows=eval_rows,
               reward_model=model, optimizers={"reward_model": optimizer}, base_lr={"reward_model": args.lr})
-    plumbing.record_memory(args.out, run.trained(), {}, {"reward_model": shapes}, mixed)
+    run.memory_plan = metrics.memory_plan(run.trained(), {}, {"reward_model": shapes}, mixed)
     return run
 
 
 def run_stage(args: Args, rank: int, world: int, device: torch.device, warm: bool = False) -> None:
     """Collective: one stage from start to end in --out: claim --out, run the warm start when `warm`, build the run,
     resume it if asked, train, plot."""
-    if args.resume and plumbing.latest_checkpoint(args.out) is None:
-        options.check_resume(args)  # "--resume: no complete checkpoint", before anything is created
-    lock, created = plumbing.claim_out(args.out, rank, check=lambda: options.check_resume(args))
+    if args.resume and checkpoints.latest_checkpoint(args.out) is None:
+        checkpoints.check_resume(args)  # "--resume: no complete checkpoint", before anything is created
+    lock, created = run_dir.claim_out(args.out, rank, check=lambda: checkpoints.check_resume(args))
     try:
-        plumbing.check_shared_filesystem(args.out, rank)
+        run_dir.check_shared_filesystem(args.out, rank)
         if warm:
             warm_start(args, rank, world, device)
         run = build_run(args, rank, world, device)
-        meta = plumbing.load_checkpoint(args, run.trained()) if args.resume else {"step": 0, "beta": args.beta}
-        for line in options.resume_changes(args, meta, run.world) if args.resume else []:
-            plumbing.say(line)
+        meta = checkpoints.load_checkpoint(args, run.trained()) if args.resume else {"step": 0, "beta": args.beta}
+        for line in checkpoints.resume_changes(args, meta, run.world) if args.resume else []:
+            say(line)
         # β: the adaptive controller's state resumes from the checkpoint; a fixed --beta is what this command says
         run.beta = float(meta["beta"]) if args.resume and args.adaptive_kl_target else args.beta
         resumed = meta["step"] if args.resume else None
-        metrics = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resumed)
-        plumbing.say(startup_line(run))
-        step, evaluation = train(run, int(meta["step"]), metrics, reached=bool(meta.get("reached_target")))
-        plumbing.say(finished_line(run, step, evaluation))
+        log = metrics.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resumed)
+        say(metrics.startup_line(run))
+        step, evaluation = train(run, int(meta["step"]), log, reached=bool(meta.get("reached_target")))
+        say(metrics.finished_line(args, step, evaluation,
+                                              evaluation is not None and target_reached(args, evaluation)))
     except UserError:
-        plumbing.release_out(args.out, lock, created)
+        run_dir.release_out(args.out, lock, created)
         raise
     if rank == 0 and args.plot:
-        plumbing.plot_curves(args.out)
-    plumbing.release_out(args.out, lock, created=False)
-
-
-def startup_line(run: Run) -> str:
-    """What the run is and the values it uses, including every default resolved for this stage and model."""
-    args = run.args
-    models = ", ".join(f"{name} {sum(p.numel() for p in m.parameters()):,} params" for name, m in
-                       (("policy", run.policy), ("critic", run.critic), ("reference", run.ref),
-                        ("reward model", run.reward_model)) if m is not None)
-    settings = {"steps": args.steps, "lr": args.lr, "micro-batch": args.micro_batch_size, "dtype": args.dtype}
-    if args.algo in ("grpo", "ppo"):
-        settings |= {"c_h": args.ent_coef, "β": run.beta, "minibatch": args.minibatch_size}
-        settings |= {"critic lr": args.critic_lr, "critic from": critic_origin(run)} if args.algo == "ppo" else {}
-        settings |= {"reward-model scale": run.rm_norm or "raw"} if run.reward_model is not None else {}
-        if run.rm_tok is not None and run.rm_tok.get_vocab() != run.tok.get_vocab():
-            settings |= {"reward model reads": "its own tokenizer (each completion decoded, then re-tokenized)"}
-    if args.algo == "sft":
-        settings |= {"sft-target": args.sft_target, "eval-every": args.eval_every}
-    shown = lambda v: f"{v:.6g}" if isinstance(v, float) else v  # noqa: E731  (5e-06, not 4.9999999999999996e-06)
-    return (f"{args.algo} | {run.world} rank(s) on {run.device.type} | {models} | {len(run.train_rows)} train / "
-            f"{len(run.eval_rows)} eval rows | " + ", ".join(f"{k} {shown(v)}" for k, v in settings.items()))
-
-
-def critic_origin(run: Run) -> str:
-    """Where PPO's critic started and how its scalar head did, for the start-up line."""
-    args = run.args
-    if args.critic_init == "policy":
-        return "policy (new head at 0: V = 0 at first)"
-    if not plumbing.has_scalar_head(args.critic_init):
-        return f"{args.critic_init} (a causal LM: new head at 0, V = 0 at first)"
-    if args.reward_model and plumbing.same_checkpoint(args.critic_init, args.reward_model):
-        return f"{args.critic_init} (head carried over, scaled as the reward is: V = R at first)"
-    return f"{args.critic_init} (head carried over, its raw score: not the reward model that scores the run)"
+        metrics.plot_curves(args.out)
+    run_dir.release_out(args.out, lock, created=False)
 
 
 def warm_start(args: Args, rank: int, world: int, device: torch.device) -> None:
@@ -590,23 +541,16 @@ def warm_start(args: Args, rank: int, world: int, device: torch.device) -> None:
                                              steps=args.sft_steps, sft_target=args.sft_target, dtype=args.dtype,
                                              plot=args.plot), world)
     sft_args.model = os.path.join(sft_args.out, embedded_task.MODEL_DIR)
-    saved = plumbing.latest_checkpoint(sft_args.out)
+    saved = checkpoints.latest_checkpoint(sft_args.out)
     if saved is not None:
-        diff = options.experiment_changes(plumbing.read_meta(saved)["args"], sft_args)
+        diff = checkpoints.experiment_changes(checkpoints.read_meta(saved)["args"], sft_args)
         if diff:
             raise UserError(f"{sft_args.out} holds a warm start made with other settings ({'; '.join(diff)}): "
                             f"choose another --out, or remove {sft_args.out}")
     sft_args.resume = saved is not None
-    plumbing.say(f"warm start: the sft stage, as `train.py --algo sft --out {sft_args.out} --seed {args.seed} --steps "
-                 f"{args.sft_steps} --sft-target {sft_args.sft_target}`" + (" (resumed)" if saved else ""))
+    say(f"warm start: the sft stage, as `train.py --algo sft --out {sft_args.out} --seed {args.seed} --steps "
+        f"{args.sft_steps} --sft-target {sft_args.sft_target}`" + (" (resumed)" if saved else ""))
     run_stage(sft_args, rank, world, device)
-
-
-def interrupted_line(out: str | None) -> str:
-    """What an interrupted run leaves: its newest complete checkpoint (a save cut short stays .partial, unread)."""
-    saved = plumbing.latest_checkpoint(out) if out else None
-    return "interrupted: " + (f"the newest complete checkpoint is {saved}; the same command with --resume continues "
-                              "from it" if saved else "no checkpoint was written yet; nothing to resume")
 
 
 def main(argv=None) -> int:
@@ -620,9 +564,9 @@ def main(argv=None) -> int:
         options.check_stage_options(args)  # what the user typed, before the defaults fill the rest
         args = options.resolve_defaults(args, world)
         options.check_args(args, world)  # before anything is loaded or written
-        rank, world, device = plumbing.setup_distributed()
-        plumbing.watch_launcher()
-        transformers.logging.set_verbosity_error()  # its loading report is checked in plumbing.load_full_model
+        rank, world, device = distributed.setup_distributed()
+        run_dir.watch_launcher()
+        transformers.logging.set_verbosity_error()  # its loading report is checked in models.load_full_model
         transformers.logging.disable_progress_bar()  # "Loading weights", "Writing model shards": one bar is ours
         warm = not args.model and args.algo != "sft"  # rl and rm start from the sft stage's export
         if not args.model:  # recorded in the checkpoints: a resumed run starts from the same model
@@ -638,11 +582,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C; under torchrun the agent passes SIGINT on to every worker
         code = 130
         if rank == 0:
-            print(interrupted_line(args.out if "args" in locals() else None), file=sys.stderr, flush=True)
-    if plumbing.dist.is_initialized():
+            print(metrics.interrupted_line(args.out if "args" in locals() else None), file=sys.stderr, flush=True)
+    if distributed.dist.is_initialized():
         if code == 0:
-            plumbing.dist.barrier()  # no rank tears gloo down while another still talks to it
-        plumbing.dist.destroy_process_group()
+            distributed.dist.barrier()  # no rank tears gloo down while another still talks to it
+        distributed.dist.destroy_process_group()
     return code
 
 

@@ -30,7 +30,7 @@ for key, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVI
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import plumbing  # noqa: E402
+import distributed  # noqa: E402
 from benchmarks import common, gae_part, ledger_part, rl_part, trl_part  # noqa: E402
 
 PARTS = ("ledger", "rl", "gae", "trl")
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if a.threads:
         torch.set_num_threads(a.threads)
-    rank, world, device = plumbing.setup_distributed()
+    rank, world, device = distributed.setup_distributed()
     log = print if rank == 0 else (lambda *x, **k: None)
     os.makedirs(a.out, exist_ok=True)
     res = run_parts(a, rank, world, device, log)

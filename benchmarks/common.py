@@ -48,7 +48,7 @@ def make_tokenizer(vocab_size: int):
 
 
 def save_model(size: str, path: str, seed: int = 0) -> str:
-    """Random-weight Llama of `size` and its tokenizer, save_pretrained to `path`, for plumbing.load_full_model (reused)."""
+    """Random-weight Llama of `size` and its tokenizer, save_pretrained to `path`, for models.load_full_model (reused)."""
     from transformers import LlamaForCausalLM
 
     if not os.path.exists(os.path.join(path, "config.json")):

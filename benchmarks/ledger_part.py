@@ -1,5 +1,5 @@
 """Ledger vs measured: memory_ledger.py's per-rank prediction of parameters + gradients + AdamW state against the bytes
-this rank holds after one real optimizer step of a model sharded by plumbing.shard (FSDP2), on 1 or more ranks.
+this rank holds after one real optimizer step of a model sharded by models.shard (FSDP2), on 1 or more ranks.
 
 Three predictions, three measurements (benchmarks/README.md explains each gap):
   ledger_approx   memory_ledger.per_rank_bytes: ⌈N/W⌉ × 16 B + 4 B × n_T      (document 000's 16 B/param, split W ways)
@@ -14,7 +14,7 @@ import math
 import torch
 
 import memory_ledger
-import plumbing
+import models
 from benchmarks import common
 
 
@@ -42,7 +42,7 @@ def measure(size: str, rank: int, world: int, device: torch.device, mixed: bool)
     model = LlamaForCausalLM(common.llama_config(size))  # fp32 weights on CPU; fully_shard moves them to `device`
     shapes = [tuple(p.shape) for p in model.parameters()]
     n_params = sum(math.prod(s) for s in shapes)
-    model = plumbing.shard(model, mixed)
+    model = models.shard(model, mixed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, common.SIZES[size]["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
     model(input_ids=ids, labels=ids).loss.backward()  # (2, 16) tokens

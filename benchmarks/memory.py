@@ -185,7 +185,7 @@ def run_one(algo: str, micro: int, T: int, model: str, data: str, facts: dict, w
 
 def baseline_rss(log) -> float:
     """Peak RSS (GiB) of a process that imports what train.py imports and nothing more: the floor under every row."""
-    code = "import sys; sys.path.insert(0, '.'); import train, plumbing, transformers, datasets, torch.distributed.checkpoint"
+    code = "import sys; sys.path.insert(0, '.'); import train, models, transformers, datasets, torch.distributed.checkpoint"
     proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) * 1024 / GIB

@@ -7,7 +7,7 @@ One RL step is train.rl_step with a clock between its phases (the same calls, on
   ref_fwd    log π_ref on the batch (both algorithms, β > 0)
   critic_fwd V_ψold on the batch (PPO only; train.token_values)
   advantages train.compute_advantages: GAE + whitening (PPO), group statistics (GRPO)
-  update     epochs × minibatches of train.minibatch_gradients + plumbing.clip_and_step (policy; + critic for PPO)
+  update     epochs × minibatches of train.minibatch_gradients + optim.clip_and_step (policy; + critic for PPO)
 Both algorithms are built side by side; each takes 1 warm-up step, untimed, under the memory counter (common.PeakBytes);
 then their `steps` timed steps alternate, GRPO/PPO then PPO/GRPO; each phase reports its fastest step (the median
 and every step's raw times are kept in results.json).
@@ -21,10 +21,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import data
+import distributed
 import memory_ledger
+import models
+import optim
 import options
-import plumbing
 import sampling
+import scoring
 import train
 from benchmarks import common
 
@@ -43,12 +47,12 @@ def make_prompts(n: int, length: int, seed: int) -> list[tuple[str, str]]:
 
 
 def load_models(algo: str, model_dir: str, mixed: bool, a: train.Args):
-    """Policy, reference, critic (PPO), reward model, fp32 and sharded with FSDP2 (plumbing.load_full_model +
-    plumbing.shard); frozen models without gradients. AdamW for the trained ones, as train.build_run makes them. The
+    """Policy, reference, critic (PPO), reward model, fp32 and sharded with FSDP2 (models.load_full_model +
+    models.shard); frozen models without gradients. AdamW for the trained ones, as train.build_run makes them. The
     reward model is the policy's checkpoint with a new score head: only its forward pass's cost is measured."""
     def load(role: str):
-        spec = plumbing.ModelSpec(role, model_dir, "--model")
-        return plumbing.shard(plumbing.load_full_model(spec), mixed).eval()
+        spec = models.ModelSpec(role, model_dir, "--model")
+        return models.shard(models.load_full_model(spec), mixed).eval()
 
     policy = load("policy")
     ref = load("reference").requires_grad_(False)
@@ -77,13 +81,13 @@ class Run:
         if rank == 0:
             common.save_model(size, model_dir)
         dist.barrier()
-        tok = plumbing.load_tokenizer(model_dir)
+        tok = models.load_tokenizer(model_dir)
         self.policy, self.ref, self.critic, self.rm, self.opts = load_models(algo, model_dir, mixed, self.a)
-        rows = plumbing.tokenize_prompts(tok, self.a, make_prompts(self.a.prompts_per_step, cfg["P"], seed=0), None)
+        rows = data.tokenize_prompts(tok, self.a, make_prompts(self.a.prompts_per_step, cfg["P"], seed=0), None)
         self.run = train.Run(args=self.a, rank=rank, world=world, device=device, tok=tok, train_rows=rows, eval_rows=[],
                              optimizers=self.opts, base_lr={"policy": self.a.lr, "critic": self.a.critic_lr},
                              policy=self.policy, ref=self.ref, critic=self.critic, reward_model=self.rm, rm_tok=tok,
-                             reward_fns=plumbing.load_reward_functions(self.a.reward),
+                             reward_fns=scoring.load_reward_functions(self.a.reward),
                              sampler=sampling.make_sampler(self.policy, tok, self.a.max_new_tokens, self.a.temperature,
                                                            None), beta=self.a.beta)
         self.trained = {n: m for n, m in (("policy", self.policy), ("critic", self.critic)) if m is not None}
@@ -100,7 +104,7 @@ class Run:
             clock[name] = time.perf_counter() - t[0]
             t[0] = time.perf_counter()
 
-        torch.manual_seed(plumbing.seed_for(a.seed, step, self.rank))  # the same samples for PPO and GRPO
+        torch.manual_seed(distributed.seed_for(a.seed, step, self.rank))  # the same samples for PPO and GRPO
         per_rank = a.prompts_per_step // world
         mine = run.train_rows[self.rank * per_rank : (self.rank + 1) * per_rank]
         batch = train.sample(run, mine, repeat=a.group_size)  # B = prompts × G
@@ -119,16 +123,16 @@ class Run:
         lap("advantages")
         for rows in train.minibatch_order(run, len(batch), step):  # step 5 of train.rl_step, without its early stop
             train.minibatch_gradients(run, batch.select(rows))
-            plumbing.clip_and_step(run.trained(), a.max_grad_norm)
+            optim.clip_and_step(run.trained(), a.max_grad_norm)
         lap("update")
-        n_completion = plumbing.all_reduce(batch.completion_mask.sum()).item()  # completion tokens, all ranks
+        n_completion = distributed.all_reduce(batch.completion_mask.sum()).item()  # completion tokens, all ranks
         return clock | {"completion_tokens": n_completion, "positions": batch.input_ids.numel() * world,
                         "seq_len": batch.input_ids.shape[1], "n_prompt": batch.n_prompt}
 
     def warm_up(self) -> None:
         """Step 0, untimed, under the memory counter. Bytes live at its start: every model's parameters and buffers;
         gradients and AdamW state are created inside it. A one-shot hook on the last optimizer to step (the critic's for
-        PPO; plumbing.clip_and_step steps them in order, then zeroes every gradient) reads the trained state after the
+        PPO; optim.clip_and_step steps them in order, then zeroes every gradient) reads the trained state after the
         first optimizer step, before the gradients are freed."""
         live = common.state_tensors([self.policy, self.ref, self.critic, self.rm], list(self.opts.values()))
         self.base = common.storage_bytes([t for kind in live.values() for t in kind])

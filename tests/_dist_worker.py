@@ -23,11 +23,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import options  # noqa: E402
-import plumbing  # noqa: E402
-import sampling  # noqa: E402
-import train  # noqa: E402
 from helpers import step_on  # noqa: E402
+
+import data  # noqa: E402
+import distributed  # noqa: E402
+import models  # noqa: E402
+import options  # noqa: E402
+import sampling  # noqa: E402
+import scoring  # noqa: E402
+import train  # noqa: E402
 
 # (name, algo, loss_agg, max_grad_norm, epochs, minibatch, micro): a huge max_grad_norm disables clipping so the update's
 # scale is tested too; minibatch None = the whole batch; micro 0 = the whole minibatch per forward/backward
@@ -69,7 +73,7 @@ def make_run(args, policy, critic, optimizers: dict, device=torch.device("cpu"),
 
 def load(role: str, model_dir: str, device=torch.device("cpu"), **kw):
     mixed = device.type == "cuda"  # as train.py: bf16 mixed precision on a GPU
-    return plumbing.load_model(plumbing.ModelSpec(role, model_dir, "--model", **kw), device, mixed)[0]
+    return models.load_model(models.ModelSpec(role, model_dir, "--model", **kw), device, mixed)[0]
 
 
 def fixed_step(run, batch: dict, lo: int, hi: int) -> dict:
@@ -94,22 +98,22 @@ def run_update(model_dir: str, out_dir: str) -> None:
     for case in CASES:
         name, algo = case[0], case[1]
         args = case_args(case, batch)
-        policy = plumbing.shard(plumbing.load_full_model(plumbing.ModelSpec("policy", model_dir, "--model")), False)
+        policy = models.shard(models.load_full_model(models.ModelSpec("policy", model_dir, "--model")), False)
         critic = None
         opts = {"policy": torch.optim.SGD(policy.parameters(), lr=LR)}
         if algo == "ppo":
-            critic = plumbing.load_full_model(plumbing.ModelSpec("critic", model_dir, "--model"))
+            critic = models.load_full_model(models.ModelSpec("critic", model_dir, "--model"))
             with torch.no_grad():  # a non-zero head, so the critic's body gets gradients on the first step
                 critic.score.weight.copy_(batch["critic_head"])
-            critic = plumbing.shard(critic, False)
+            critic = models.shard(critic, False)
             opts["critic"] = torch.optim.SGD(critic.parameters(), lr=CRITIC_LR)
         run = make_run(args, policy, critic, opts, ref=object())  # a stand-in reference: its log-probs are fixed
         row = fixed_step(run, batch, lo, hi)
         advantages, returns = row.pop("_advantages"), row.pop("_returns")
         results[name] = {
             "row": row,  # the logged row (timings aside)
-            "advantages": plumbing.all_gather_cat(advantages),
-            "returns": plumbing.all_gather_cat(returns) if returns is not None else None,
+            "advantages": distributed.all_gather_cat(advantages),
+            "returns": distributed.all_gather_cat(returns) if returns is not None else None,
             "policy": {n: p.full_tensor().detach().clone() for n, p in policy.named_parameters()},
             "critic": {n: p.full_tensor().detach().clone() for n, p in critic.named_parameters()} if critic else None,
         }
@@ -146,14 +150,14 @@ def run_generate(model_dir: str, out_dir: str) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     rank = dist.get_rank()
-    plumbing.BLOCKS_FROM = 0  # a unit per transformer block, as a model of 50M parameters or more is sharded
-    tok = plumbing.load_tokenizer(model_dir)
+    models.BLOCKS_FROM = 0  # a unit per transformer block, as a model of 50M parameters or more is sharded
+    tok = models.load_tokenizer(model_dir)
     policy = load("policy", model_dir)
     n_fsdp_modules = sum(isinstance(m, FSDPModule) for m in policy.modules())
     calls = []
     originals = wrap_collectives(calls, COLLECTIVES)
     prompts = ["12+7=", "3+4=", "29+29=", "0+1="]
-    rows = [plumbing.PromptRow(text=p, answer="0", ids=tok(p)["input_ids"]) for p in prompts]
+    rows = [data.PromptRow(text=p, answer="0", ids=tok(p)["input_ids"]) for p in prompts]
     out = {"n_fsdp_modules": n_fsdp_modules, "counts": {}, "rollouts": {}}
     for T in (2, 8):
         args = train.Args(max_new_tokens=T, temperature=3.0)  # a hot random model: EOS shows up in some rows only
@@ -172,7 +176,7 @@ def run_generate(model_dir: str, out_dir: str) -> None:
     out["counts"]["plain policy.generate T=8"] = count(calls)
     for fn_name, original in originals.items():
         setattr(dist, fn_name, original)
-    out["counts_per_rank"] = plumbing.all_gather_objects(out["counts"])
+    out["counts_per_rank"] = distributed.all_gather_objects(out["counts"])
     if rank == 0:
         torch.save(out, os.path.join(out_dir, "generate.pt"))
 
@@ -194,15 +198,15 @@ def run_collectives(model_dir: str, out_dir: str) -> None:
     for algo in ("grpo", "ppo"):
         args = options.resolve_defaults(train.Args(algo=algo, model=model_dir, prompts_per_step=2, group_size=2,
                                                    max_new_tokens=4, beta=0.04, out=out_dir), world)
-        tok = plumbing.load_tokenizer(model_dir)
+        tok = models.load_tokenizer(model_dir)
         policy, ref = load("policy", model_dir, device), load("reference", model_dir, device)
         critic = load("critic", model_dir, device) if algo == "ppo" else None
         opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in (("policy", policy), ("critic", critic))
                 if m is not None}
-        rows = [plumbing.PromptRow(text=p, answer=str(eval(p[:-1])), ids=tok(p)["input_ids"])
+        rows = [data.PromptRow(text=p, answer=str(eval(p[:-1])), ids=tok(p)["input_ids"])
                 for p in ("1+2=", "3+4=", "5+6=", "7+8=")]
         run = make_run(args, policy, critic, opts, device=device, tok=tok, ref=ref, train_rows=rows,
-                       reward_fns=plumbing.load_reward_functions("math"),
+                       reward_fns=scoring.load_reward_functions("math"),
                        sampler=sampling.make_sampler(policy, tok, 4, 1.0, None))
         calls = []
         originals = wrap_collectives(calls, COLLECTIVES)
@@ -211,30 +215,30 @@ def run_collectives(model_dir: str, out_dir: str) -> None:
         finally:
             for fn_name, original in originals.items():
                 setattr(dist, fn_name, original)
-        seen[algo] = {"calls": calls, "group_device": str(plumbing.group_device())}
+        seen[algo] = {"calls": calls, "group_device": str(distributed.group_device())}
     if dist.get_rank() == 0:
         torch.save(seen, os.path.join(out_dir, "collectives.pt"))
 
 
 def run_loading(model_dir: str, out_dir: str) -> None:
-    """plumbing.load_model on 2 ranks: count the full-model loads per rank (only rank 0 may read the checkpoint into
+    """models.load_model on 2 ranks: count the full-model loads per rank (only rank 0 may read the checkpoint into
     host memory), then gather every parameter and buffer to compare with the checkpoint on disk."""
     rank, device = dist.get_rank(), torch.device("cpu")
-    calls, original = [], plumbing.load_full_model
+    calls, original = [], models.load_full_model
 
     def counting(spec):
         calls.append(spec.role)
         return original(spec)
 
-    plumbing.load_full_model = counting
+    models.load_full_model = counting
     try:
-        spec = plumbing.ModelSpec("policy", model_dir, "--model")
-        policy, shapes, generation_config = plumbing.load_model(spec, device, False)
+        spec = models.ModelSpec("policy", model_dir, "--model")
+        policy, shapes, generation_config = models.load_model(spec, device, False)
         critic = load("critic", model_dir)
     finally:
-        plumbing.load_full_model = original
-    out = {"calls": plumbing.all_gather_objects(calls), "shapes": shapes,
-           "local_numel": plumbing.all_gather_objects(sum(p.to_local().numel() for p in policy.parameters())),
+        models.load_full_model = original
+    out = {"calls": distributed.all_gather_objects(calls), "shapes": shapes,
+           "local_numel": distributed.all_gather_objects(sum(p.to_local().numel() for p in policy.parameters())),
            "policy": {n: p.full_tensor().detach().clone() for n, p in policy.named_parameters()},
            "policy_buffers": {n: b.detach().clone() for n, b in policy.named_buffers()},
            "critic": {n: p.full_tensor().detach().clone() for n, p in critic.named_parameters()},
@@ -244,7 +248,7 @@ def run_loading(model_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    plumbing.setup_distributed()
+    distributed.setup_distributed()
     for job in sys.argv[1].split(","):
         {"update": run_update, "generate": run_generate, "collectives": run_collectives, "loading": run_loading}[job](*sys.argv[2:])
     dist.barrier()

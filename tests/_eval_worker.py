@@ -9,7 +9,7 @@ OUT_DIR/spec.json holds {"model": DIR, "T": max new tokens, "cases": {name: [[pr
    writes OUT_DIR/eval_rank{R}.json: the returned metrics, how many rows it held, the rows of each
    sampling.generate call it made, the samples returned, and "finished": true (written only when evaluate returned).
 2. train (when train_argv is given): train.main(train_argv) in the same process group (setup_distributed patched
-   to return it), with plumbing.load_model wrapped so that each rank records how the reward model was sharded
+   to return it), with models.load_model wrapped so that each rank records how the reward model was sharded
    (OUT_DIR/rm_rank{R}.json).
 
 Also holds the custom reward test_flags.py passes as --reward _eval_worker:odd_digits (non-constant rewards, so that
@@ -23,7 +23,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import plumbing  # noqa: E402
+import data  # noqa: E402
+import distributed  # noqa: E402
+import models  # noqa: E402
 import sampling  # noqa: E402
 import train  # noqa: E402
 
@@ -35,13 +37,12 @@ def odd_digits(completion: str, answer: str) -> float:
 
 def run_eval(spec: dict, out_dir: str) -> None:
     import torch.distributed as dist
-
     from _dist_worker import make_run
 
     rank, world, device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-    tok = plumbing.load_tokenizer(spec["model"])
+    tok = models.load_tokenizer(spec["model"])
     T = spec["T"]
-    policy = plumbing.load_model(plumbing.ModelSpec("policy", spec["model"], "--model"), device, False)[0]
+    policy = models.load_model(models.ModelSpec("policy", spec["model"], "--model"), device, False)[0]
     calls, original = [], sampling.generate
 
     def counting_generate(policy, tok, prompt_ids, *a, **kw):
@@ -51,7 +52,7 @@ def run_eval(spec: dict, out_dir: str) -> None:
     sampling.generate = counting_generate
     result = {}
     for name, rows in spec["cases"].items():
-        eval_rows = [plumbing.PromptRow(text=p, answer=a, ids=tok(p)["input_ids"]) for p, a in rows]
+        eval_rows = [data.PromptRow(text=p, answer=a, ids=tok(p)["input_ids"]) for p, a in rows]
         run = make_run(train.Args(max_new_tokens=T), policy, None, {}, tok=tok, eval_rows=eval_rows,
                        sampler=sampling.make_sampler(policy, tok, T, 1.0, None))
         calls.clear()
@@ -68,7 +69,7 @@ def run_eval(spec: dict, out_dir: str) -> None:
 def run_train(argv: list, out_dir: str) -> None:
     from torch.distributed.tensor import DTensor
 
-    seen, original = [], plumbing.load_model
+    seen, original = [], models.load_model
 
     def recording(spec, *a, **kw):
         out = original(spec, *a, **kw)
@@ -83,9 +84,9 @@ def run_train(argv: list, out_dir: str) -> None:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    plumbing.load_model = recording
+    models.load_model = recording
     # train.main joins the process group already up (a destroy + re-init on torchrun's store is not reliable)
-    plumbing.setup_distributed = lambda: (rank, world, torch.device("cpu"))
+    distributed.setup_distributed = lambda: (rank, world, torch.device("cpu"))
     code = train.main(argv)
     with open(os.path.join(out_dir, f"rm_rank{rank}.json"), "w") as f:
         json.dump({"exit_code": code, "reward_models": seen}, f)
@@ -96,7 +97,7 @@ if __name__ == "__main__":
 
     out_dir = sys.argv[1]
     spec = json.load(open(os.path.join(out_dir, "spec.json")))
-    plumbing.setup_distributed()
+    distributed.setup_distributed()
     run_eval(spec, out_dir)
     if spec.get("train_argv"):
         run_train(spec["train_argv"], out_dir)  # train.main tears the process group down at its end

@@ -1,6 +1,6 @@
 """Run train.py with one injected fault: `python tests/_fault_launcher.py ARGS...`, or the same script under
 `python -m torch.distributed.run ...`, takes train.py's arguments. The fault comes from the environment variable FAULT
-and is installed by monkeypatching train / plumbing / torch.distributed.checkpoint in this process, so that the product
+and is installed by monkeypatching train / checkpoints / torch.distributed.checkpoint in this process, so that the product
 code carries no test hooks:
 
   nan:STEP              the clipped surrogate of every minibatch of step STEP is multiplied by NaN (so is the loss)
@@ -8,7 +8,7 @@ code carries no test hooks:
   kill_in_save:STEP     every rank SIGKILLs itself inside step STEP's checkpoint save, once its DCP shards are written
                         and before the commit (torch.distributed.checkpoint.save)
   kill_after_save:STEP  every rank SIGKILLs itself as soon as step STEP's checkpoint is committed
-                        (plumbing.save_checkpoint has returned), before anything of step STEP+1
+                        (checkpoints.save_checkpoint has returned), before anything of step STEP+1
 
 Without FAULT it runs train.py unchanged.
 """
@@ -21,7 +21,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import plumbing  # noqa: E402
+import checkpoints  # noqa: E402
 import train  # noqa: E402
 
 
@@ -74,9 +74,9 @@ def install(fault: str) -> None:
                 die()
             return result
 
-        dcp.save = killing_save  # plumbing.save_checkpoint imports the module and looks up dcp.save at call time
+        dcp.save = killing_save  # checkpoints.save_checkpoint imports the module and looks up dcp.save at call time
     elif kind == "kill_after_save":
-        at, save_checkpoint = int(rest), plumbing.save_checkpoint
+        at, save_checkpoint = int(rest), checkpoints.save_checkpoint
 
         @functools.wraps(save_checkpoint)
         def killing_save_checkpoint(args, step, *rest_args, **kwargs):
@@ -84,7 +84,7 @@ def install(fault: str) -> None:
             if step == at:
                 die()
 
-        plumbing.save_checkpoint = killing_save_checkpoint  # train.save calls plumbing.save_checkpoint(...)
+        checkpoints.save_checkpoint = killing_save_checkpoint  # train.save calls checkpoints.save_checkpoint(...)
     else:
         raise SystemExit(f"_fault_launcher: unknown FAULT {fault!r}")
 

@@ -26,6 +26,16 @@ def inf_on_rank_1(completion: str, answer: str) -> float:
     return float("inf") if os.environ.get("RANK") == "1" else 0.0
 
 
+def length_held(completion: str, answer: str) -> float:
+    """`length`, but held once the file HOLD_AFTER exists (a checkpoint) and while the file HOLD_FILE does: a run that
+    stays alive, mid-step, until the test that started it has looked at it, however slow the machine."""
+    import time
+
+    while os.path.exists(os.environ.get("HOLD_AFTER", "")) and os.path.exists(os.environ.get("HOLD_FILE", "")):
+        time.sleep(0.1)
+    return length(completion, answer)
+
+
 def length_slow(completion: str, answer: str) -> float:
     """`length`, a quarter of a second later: a run that lives long enough to be looked at (and killed) mid-way."""
     import time

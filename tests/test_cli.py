@@ -14,11 +14,12 @@ import sys
 import time
 
 import pytest
-
-import options
-import plumbing
-import train as train_module
 from helpers import copy_base, main_error, ok, one_error
+
+import data
+import distributed
+import options
+import train as train_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "2", "--eval-size", "4", "--sft-steps", "5",
@@ -183,12 +184,12 @@ def test_options_parse(argv, field, value):
 # 5. Templates
 # ======================================================================================================================
 def test_prompt_template_typed_with_backslash_n_is_a_newline(tmp_path):
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(10)))
+    data_file = tmp_path / "d.jsonl"
+    data_file.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(10)))
     for typed, expected in ((r"Q: {prompt}\nA:", "Q: 0+1=\nA:"), (r"Q:\t{prompt}\\n", "Q:\t0+1=\\n")):
-        argv = ["--dataset", str(data), "--eval-size", "0", "--prompt-template", typed]
+        argv = ["--dataset", str(data_file), "--eval-size", "0", "--prompt-template", typed]
         args = options.resolve_defaults(options.parse_args(train_module.Args, argv), 1)
-        rows, evals = plumbing.load_prompts(args, args.dataset)
+        rows, evals = data.load_prompts(args, args.dataset)
         assert rows[0] == (expected, "1") and evals == []
 
 
@@ -223,15 +224,15 @@ def test_hub_probe_names_an_unreachable_hub_at_once(monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     start = time.monotonic()
-    with pytest.raises(plumbing.UserError, match=f"the Hub \\(127.0.0.1:{port}\\) cannot be reached"):
-        plumbing.check_hub_reachable("--model", "tiny-llama")
+    with pytest.raises(distributed.UserError, match=f"the Hub \\(127.0.0.1:{port}\\) cannot be reached"):
+        data.check_hub_reachable("--model", "tiny-llama")
     assert time.monotonic() - start < 6
     with socket.socket() as server:  # a reachable endpoint (with its port): no error
         server.bind(("127.0.0.1", 0))
         server.listen()
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
-        plumbing.check_hub_reachable("--model", "tiny-llama")
-    plumbing.check_hub_reachable("--model", ROOT)  # a local directory is never probed
+        data.check_hub_reachable("--model", "tiny-llama")
+    data.check_hub_reachable("--model", ROOT)  # a local directory is never probed
 
 
 def test_startup_and_eval_lines_stand_on_their_own_lines(base):
@@ -381,7 +382,7 @@ def test_data_problems_are_said_or_refused(tmp_path, capsys):
     rows[4]["question"], rows[17]["answer"], rows[250]["answer"] = None, "", "  "
     args = options.resolve_defaults(options.parse_args(train_module.Args, ["--dataset", str(write("d.jsonl", rows)),
                                                                              "--eval-size", "1000"]), 1)
-    train_rows, evals = plumbing.load_prompts(args, args.dataset)
+    train_rows, evals = data.load_prompts(args, args.dataset)
     said = capsys.readouterr().out
     assert "dropped 3 of 300 rows whose 'question' or 'answer' is null or empty (rows 4, 17, 250)" in said, said
     assert "the last 59 of 297 training rows are held out for evaluation (fewer than --eval-size 1000: at most 20%)" \
@@ -389,5 +390,5 @@ def test_data_problems_are_said_or_refused(tmp_path, capsys):
     assert len(train_rows) == 238 and len(evals) == 59 and all(q != "None" for q, _ in train_rows)
     tiny = write("three.jsonl", rows[:3])
     args = options.resolve_defaults(options.parse_args(train_module.Args, ["--dataset", str(tiny)]), 1)
-    with pytest.raises(plumbing.UserError, match="3 usable training rows and no split 'test': too few to hold out"):
-        plumbing.load_prompts(args, args.dataset)
+    with pytest.raises(distributed.UserError, match="3 usable training rows and no split 'test': too few to hold out"):
+        data.load_prompts(args, args.dataset)

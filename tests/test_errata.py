@@ -1,4 +1,4 @@
-"""The documents' errata that carry a number, each shown by an independent computation (README, "Errata").
+"""The documents' errata that carry a number, each shown by an independent computation (docs/errata.md).
 
 Each test recomputes the claim from the document's own inputs; where the library is used, its answer is checked
 against a formula written here.

@@ -5,7 +5,7 @@ Faults → atomic checkpoints, exact resume after SIGKILL (bit-for-bit on CPU), 
 promptly, a non-finite loss skips the step and leaves the weights untouched, the same seed gives the same metrics.
 
 train.py carries no test hooks: a fault is a reward (`--reward _fault_rewards:NAME`) or is installed by
-tests/_fault_launcher.py, which runs train.main after monkeypatching train / plumbing / torch.distributed.checkpoint
+tests/_fault_launcher.py, which runs train.main after monkeypatching train / checkpoints / torch.distributed.checkpoint
 as the environment variable FAULT says (a NaN loss, a rank that raises, a SIGKILL inside or right after a checkpoint
 save). The kills come from inside the process at a fixed point of the run, so they do not depend on timing.
 
@@ -197,7 +197,7 @@ def wait_for(predicate, timeout: float) -> float:
 def agent_killed_then_resume(out) -> dict:
     """`setsid torchrun --nproc_per_node 2 train.py ...` as a user starts it, then `kill -9 -- -PGID` of torchrun's
     process group once checkpoint 2 is committed: torch starts each worker in a session of its own, so the kill
-    reaches the agent only. Every worker must then stop by itself (plumbing.watch_launcher); then --resume."""
+    reaches the agent only. Every worker must then stop by itself (run_dir.watch_launcher); then --resume."""
     args = [*TINY, "--steps", STEPS, "--reward", "_fault_rewards:length_slow"]
     agent = subprocess.Popen(command(["--out", out, *args], 2), cwd=ROOT, env=ENV, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -213,17 +213,24 @@ def agent_killed_then_resume(out) -> dict:
 
 
 def second_run_into_a_live_out(out) -> dict:
-    """Run A (slow) into --out; while it is alive, a second run into the same --out, fresh and with --resume."""
-    args = [*TINY, "--steps", STEPS, "--reward", "_fault_rewards:length_slow"]
-    first = subprocess.Popen(command(["--out", out, *args]), cwd=ROOT, env=ENV, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Run A into --out, held in its reward from its first checkpoint on (HOLD_AFTER, HOLD_FILE); while it is alive, a
+    second run into the same --out, fresh and with --resume; then A is killed and --resume goes on from step 1."""
+    hold, first_checkpoint = os.path.join(os.path.dirname(out), "hold"), os.path.join(out, "checkpoints", "step_000001",
+                                                                                       "meta.json")
+    open(hold, "w").close()
+    args = [*TINY, "--steps", STEPS, "--reward", "_fault_rewards:length_held"]
+    first = subprocess.Popen(command(["--out", out, *args]), cwd=ROOT, env=ENV | {"HOLD_FILE": hold,
+                             "HOLD_AFTER": first_checkpoint}, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: os.path.exists(os.path.join(out, "checkpoints", "step_000001", "meta.json")), 300)
+        wait_for(lambda: os.path.exists(first_checkpoint), 300)
         fresh, resumed = train(out, *args), train(out, *args, "--resume")
         alive = first.poll() is None
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+        os.remove(hold)
     return {"pid": first.pid, "fresh": fresh, "resumed": resumed, "alive_meanwhile": alive,
             "after": train(out, *args, "--resume")}
 

@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import free_port, save_tiny_llama, step_on
 
+import data
 import embedded_task
-import plumbing
+import models
 import sampling
 import train
-from helpers import free_port, save_tiny_llama, step_on
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "_eval_worker.py")
@@ -114,7 +115,7 @@ def digit_model_dir(tiny_dir: str, root: Path) -> str:
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    tok = plumbing.load_tokenizer(tiny_dir)
+    tok = models.load_tokenizer(tiny_dir)
     digit_ids = set(tok.convert_tokens_to_ids(list(DIGITS)))
     with torch.no_grad():
         for i in range(model.lm_head.weight.shape[0]):
@@ -133,7 +134,7 @@ def greedy_texts(model_dir: str, prompts: list, T: int) -> list:
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tok = plumbing.load_tokenizer(model_dir)
+    tok = models.load_tokenizer(model_dir)
     ids = torch.tensor([tok(p)["input_ids"] for p in prompts])
     with torch.no_grad():
         for _ in range(T):
@@ -198,11 +199,11 @@ def test_evaluate_one_rank_odd_rows_known_correct(eval_cases, one_process_group)
     from _dist_worker import make_run
 
     _, model, cases, expected = eval_cases
-    tok = plumbing.load_tokenizer(model)
-    policy = plumbing.shard(plumbing.load_full_model(plumbing.ModelSpec("policy", model, "--model")), False)
+    tok = models.load_tokenizer(model)
+    policy = models.shard(models.load_full_model(models.ModelSpec("policy", model, "--model")), False)
     for name, rows in cases.items():
         run = make_run(train.Args(max_new_tokens=EVAL_T), policy, None, {}, tok=tok,
-                       eval_rows=[plumbing.PromptRow(text=p, answer=a, ids=tok(p)["input_ids"]) for p, a in rows],
+                       eval_rows=[data.PromptRow(text=p, answer=a, ids=tok(p)["input_ids"]) for p, a in rows],
                        sampler=sampling.make_sampler(policy, tok, EVAL_T, 1.0, None))
         k, n = expected[name]
         metrics, samples = train.evaluate(run)
@@ -313,7 +314,7 @@ def test_mask_truncated_row_is_out_of_the_group_statistics(tiny_dir):
 
     Catches: compute_advantages ignoring loss_mask (valid=None: row 2 in the mean/std and A_2 ≠ 0); the truncated
     row zeroed after the statistics instead of left out of them."""
-    tok = plumbing.load_tokenizer(tiny_dir)
+    tok = models.load_tokenizer(tiny_dir)
     run = bare_run(train.Args(algo="grpo", group_size=4, mask_truncated=True))
     valid = [True, True, False, True, True, True, True, True]
     for score2 in (0.3, 7.0):
@@ -358,7 +359,7 @@ def test_mask_truncated_row_is_out_of_the_update(tiny_dir, one_process_group, lo
     truncated row's 3 tokens), the loss taken over completion_mask instead of loss_mask (row 2 moves the update)."""
     from transformers import LlamaForCausalLM
 
-    tok = plumbing.load_tokenizer(tiny_dir)
+    tok = models.load_tokenizer(tiny_dir)
     lr = 0.5
     args = train.Args(algo="grpo", group_size=4, prompts_per_step=2, mask_truncated=True, minibatch_size=8,
                       micro_batch_size=8, max_new_tokens=3, loss_agg=loss_agg, ent_coef=0.0, beta=0.0, max_grad_norm=1e9)

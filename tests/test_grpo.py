@@ -8,8 +8,17 @@ from fractions import Fraction
 import pytest
 import torch
 
-from grpo import (KL_ESTIMATORS, LOSS_AGGREGATIONS, aggregate_loss, degenerate_groups, group_advantages, grpo_loss,
-                  kl_k1, kl_k2, kl_k3)
+from grpo import (
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    degenerate_groups,
+    group_advantages,
+    grpo_loss,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+)
 from ppo import clipped_surrogate_loss
 
 

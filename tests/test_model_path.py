@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
+from real_models import QWEN25_INSTRUCT_GENERATION, save_qwen2
 
+import data
+import distributed
 import logprobs
-import plumbing
+import models
 import sampling
 import train
-from real_models import QWEN25_INSTRUCT_GENERATION, save_qwen2
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +22,11 @@ def qwen_dir(tmp_path_factory) -> str:
 
 
 def qwen_run(path: str, temperature: float, neutral: bool) -> tuple[train.Run, object]:
-    """A train.Run around the plain (unsharded) Qwen2 policy, set up as plumbing.setup does it when `neutral`; with
+    """A train.Run around the plain (unsharded) Qwen2 policy, set up as train.build_run does it when `neutral`; with
     neutral=False the checkpoint's own generation config is left in place and handed to generate, as a user would."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    tok = plumbing.load_tokenizer(path, chat_template=True)
+    tok = models.load_tokenizer(path, chat_template=True)
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     original = policy.generation_config
     if neutral:
@@ -43,7 +45,7 @@ def logprob_diff(run, tok) -> float:
     """rollout_logprob_diff as the trainer logs it: mean over completion tokens of |log p_sampler − log π_θold|."""
     prompts = [tok.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}?"}], tokenize=False,
                                        add_generation_prompt=True) for a, b in ((3, 4), (10, 25), (7, 7))]
-    rows = [plumbing.PromptRow(text=p, answer="0", ids=tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    rows = [data.PromptRow(text=p, answer="0", ids=tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     torch.manual_seed(0)
     batch = train.sample(run, rows, repeat=4)
     with torch.no_grad():
@@ -73,14 +75,14 @@ def test_a_sampler_setting_that_survives_is_refused_by_name(qwen_dir):
     from transformers import AutoModelForCausalLM
 
     policy = AutoModelForCausalLM.from_pretrained(qwen_dir)  # its generation config still carries the Instruct settings
-    tok = plumbing.load_tokenizer(qwen_dir)
+    tok = models.load_tokenizer(qwen_dir)
     config = sampling.neutral_generation_config(4, 1.0, [151645], tok.pad_token_id)
     config.repetition_penalty = QWEN25_INSTRUCT_GENERATION["repetition_penalty"]
-    with pytest.raises(plumbing.UserError, match="repetition_penalty"):
+    with pytest.raises(distributed.UserError, match="repetition_penalty"):
         sampling.check_sampler_is_neutral(policy, config)
     config = sampling.neutral_generation_config(4, 1.0, [151645], tok.pad_token_id)
     config.top_p = 0.8
-    with pytest.raises(plumbing.UserError, match="top_p"):
+    with pytest.raises(distributed.UserError, match="top_p"):
         sampling.check_sampler_is_neutral(policy, config)
     sampling.check_sampler_is_neutral(policy, sampling.neutral_generation_config(4, 0.7, [151645], tok.pad_token_id))
 
@@ -125,8 +127,8 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(qwen_dir
     for checkpointing in (False, True):
         model = AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.float32).eval()
         if checkpointing:
-            plumbing.checkpoint_blocks(model)
-        blocks = plumbing.transformer_blocks(model)
+            models.checkpoint_blocks(model)
+        blocks = models.transformer_blocks(model)
         counter = [0]
         for block in blocks:
             block.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
@@ -146,8 +148,8 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(qwen_dir
 def test_gradient_checkpointing_refused_for_a_model_without_blocks():
     """A model that names no transformer block class: one clear error instead of silently keeping activations."""
     model = torch.nn.Linear(3, 3)
-    with pytest.raises(plumbing.UserError, match="--gradient-checkpointing"):
-        plumbing.checkpoint_blocks(model)
+    with pytest.raises(distributed.UserError, match="--gradient-checkpointing"):
+        models.checkpoint_blocks(model)
 
 
 def test_one_fp32_process_loads_a_plain_module_with_the_checkpoints_weights(qwen_dir, one_process_group):
@@ -158,7 +160,7 @@ def test_one_fp32_process_loads_a_plain_module_with_the_checkpoints_weights(qwen
     from torch.distributed.fsdp import FSDPModule
     from transformers import AutoModelForCausalLM
 
-    model, shapes, _ = plumbing.load_model(plumbing.ModelSpec("policy", qwen_dir, "--model"), torch.device("cpu"), False)
+    model, shapes, _ = models.load_model(models.ModelSpec("policy", qwen_dir, "--model"), torch.device("cpu"), False)
     reference = AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.float32)
     assert not any(isinstance(m, FSDPModule) for m in model.modules())
     assert reference.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight  # one tensor

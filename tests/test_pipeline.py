@@ -15,12 +15,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import free_port, save_tiny_llama
 
+import distributed
 import embedded_task
-import plumbing
+import models
 import reward_model
 import rewards
-from helpers import free_port, save_tiny_llama
+import scoring
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {
@@ -53,12 +55,12 @@ def test_pair_texts_follow_trls_conventions():
     assert reward_model.pair_texts(tok, None, chosen, rejected, "d", 0) == ("#1+2=", "3", "4")
     assert reward_model.pair_texts(tok, user, chosen[-1:], rejected[-1:], "d", 0) == ("#1+2=", "3", "4")
     other = [{"role": "user", "content": "9+9"}, {"role": "assistant", "content": "4"}]
-    with pytest.raises(plumbing.UserError, match="differ before their last message"):
+    with pytest.raises(distributed.UserError, match="differ before their last message"):
         reward_model.pair_texts(tok, None, chosen, other, "d", 7)
 
 
 def test_pairs_are_tokenised_as_scored_and_long_ones_dropped(capsys, one_process_group):
-    """Each side is rewards.reward_model_ids(prompt, response): the tokens of prompt + response; the margin column is
+    """Each side is scoring.reward_model_ids(prompt, response): the tokens of prompt + response; the margin column is
     read; a pair over --max-length tokens is dropped and the run says how many."""
     import datasets
 
@@ -81,7 +83,7 @@ def test_bradley_terry_and_pair_accuracy_by_hand_on_a_few_pairs():
 # ---------------------------------------------------------------------------------------------------- models
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def tiny_models(tmp_path_factory):
     """A tiny causal LM, and a reward model made from it (its score head set by hand, mean and std in its config)."""
     from transformers import AutoModelForSequenceClassification
 
@@ -96,20 +98,20 @@ def models(tmp_path_factory):
     return root, lm, str(root / "rm")
 
 
-def test_critic_from_the_reward_model_is_the_reward_at_step_0(models, one_process_group):
+def test_critic_from_the_reward_model_is_the_reward_at_step_0(tiny_models, one_process_group):
     """--critic-init RM: the critic (a token classifier) carries over the backbone and the score head, and with the
     reward model's stored mean and std its head computes w·(r − mean)/std: at the last real token, the critic's output
     equals the reward the run trains on, (r_φ(x, y) − 0.3)/2 × --reward-model-weight 1.5, r_φ computed here from the
     reward model alone (backbone, then its head by hand)."""
     from transformers import AutoModelForSequenceClassification
 
-    _, _, rm_path = models
-    spec = plumbing.ModelSpec("critic", rm_path, "--critic-init", head_affine=(1.5 / 2.0, -1.5 * 0.3 / 2.0))
-    critic = plumbing.load_model(spec, torch.device("cpu"), False)[0]
+    _, _, rm_path = tiny_models
+    spec = models.ModelSpec("critic", rm_path, "--critic-init", head_affine=(1.5 / 2.0, -1.5 * 0.3 / 2.0))
+    critic = models.load_model(spec, torch.device("cpu"), False)[0]
     rm = AutoModelForSequenceClassification.from_pretrained(rm_path).eval()
-    tok = plumbing.load_tokenizer(rm_path)
+    tok = models.load_tokenizer(rm_path)
     for prompt, completion in (("12+7=", "19"), ("3+4=", "8"), ("29+29=", "58")):
-        ids = torch.tensor([rewards.reward_model_ids(tok, prompt, completion)])
+        ids = torch.tensor([scoring.reward_model_ids(tok, prompt, completion)])
         with torch.no_grad():
             r = rm.score(rm.model(input_ids=ids).last_hidden_state[0, -1]).item()
             v = critic(input_ids=ids).logits[0, -1, 0].item()
@@ -117,7 +119,7 @@ def test_critic_from_the_reward_model_is_the_reward_at_step_0(models, one_proces
     assert critic.score.weight.abs().sum() > 0  # carried over, not zeroed
 
 
-def test_critic_from_the_reward_model_is_the_reward_at_step_0_through_the_trainer(models, tmp_path,
+def test_critic_from_the_reward_model_is_the_reward_at_step_0_through_the_trainer(tiny_models, tmp_path,
                                                                                  one_process_group):
     """The trainer's own loading (train.build_run → load_rl_models) of PPO with --reward-model RM/ (a trailing slash)
     and --critic-init RM spelled another way (a relative path), --reward-model-weight 1.5: the critic's value that
@@ -133,7 +135,7 @@ def test_critic_from_the_reward_model_is_the_reward_at_step_0_through_the_traine
     import options
     import train
 
-    _, lm, rm_path = models
+    _, lm, rm_path = tiny_models
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(10)))
     argv = ["--algo", "ppo", "--model", lm, "--dataset", data, "--reward", "none", "--reward-model", rm_path + "/",
@@ -143,7 +145,7 @@ def test_critic_from_the_reward_model_is_the_reward_at_step_0_through_the_traine
     options.check_args(args, 1)
     run = train.build_run(args, 0, 1, torch.device("cpu"))
     rm = AutoModelForSequenceClassification.from_pretrained(rm_path).eval()
-    rm_tok = plumbing.load_tokenizer(rm_path)
+    rm_tok = models.load_tokenizer(rm_path)
     for prompt, completion in (("12+7=", "19"), ("3+4=", "8"), ("29+29=", "58")):
         prompt_ids = run.tok(prompt)["input_ids"]
         completion_ids = run.tok(completion, add_special_tokens=False)["input_ids"] + [run.tok.eos_token_id]
@@ -154,7 +156,7 @@ def test_critic_from_the_reward_model_is_the_reward_at_step_0_through_the_traine
                               texts=[completion])
         with torch.no_grad():
             v = train.critic_values(run.critic, batch)[0, len(completion_ids) - 1].item()  # V(s) before the EOS
-            r_ids = torch.tensor([rewards.reward_model_ids(rm_tok, prompt, completion)])
+            r_ids = torch.tensor([scoring.reward_model_ids(rm_tok, prompt, completion)])
             r = rm.score(rm.model(input_ids=r_ids).last_hidden_state[0, -1]).item()
         trained_on = train.score(run, batch, 1)[0][0].item()
         assert abs(r) > 0.05 and math.isclose(v, 1.5 * (r - 0.3) / 2.0, rel_tol=1e-5, abs_tol=1e-6), (prompt, r, v)
@@ -192,8 +194,8 @@ def other_vocabulary_model(path) -> str:
      "policy"),
     (["--algo", "grpo", "--reward-model-weight", "0.5"], "--reward-model-weight has no effect without --reward-model"),
 ])
-def test_a_model_of_the_wrong_kind_is_refused_by_name(models, flags, says, tmp_path, capsys):
-    root, lm, rm = models
+def test_a_model_of_the_wrong_kind_is_refused_by_name(tiny_models, flags, says, tmp_path, capsys):
+    root, lm, rm = tiny_models
     (tmp_path / "notamodel").mkdir()
     (tmp_path / "notamodel" / "notes.txt").write_text("not a checkpoint")
     notok = tmp_path / "notok"
@@ -233,8 +235,8 @@ def run_error(capsys, *argv) -> str:
     return errors[0]
 
 
-def test_preference_file_without_chosen_or_with_identical_pairs(tmp_path, models, capsys):
-    _, lm, _ = models
+def test_preference_file_without_chosen_or_with_identical_pairs(tmp_path, tiny_models, capsys):
+    _, lm, _ = tiny_models
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "1+1=", "good": "2", "bad": "3"}) + "\n")
     assert "has no column 'chosen'" in run_error(capsys, "--algo", "rm", "--model", lm, "--dataset", bad, "--out",
@@ -246,21 +248,21 @@ def test_preference_file_without_chosen_or_with_identical_pairs(tmp_path, models
     assert "1 pairs have the same chosen and rejected text (rows 3)" in line
 
 
-def test_preference_rows_with_a_null_response_are_dropped_and_other_kinds_refused(tmp_path, models, capsys):
-    _, lm, _ = models
+def test_preference_rows_with_a_null_response_are_dropped_and_other_kinds_refused(tmp_path, tiny_models, capsys):
+    _, lm, _ = tiny_models
     rows = [{"chosen": f"{i}+1={i + 1}", "rejected": f"{i}+1={i + 2}"} for i in range(12)]
     rows[3]["rejected"], rows[7]["chosen"], rows[9]["rejected"] = None, None, ""  # "": an answer given as EOS at once
     data = tmp_path / "nulls.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = SimpleNamespace(max_length=64)
-    tok = plumbing.load_tokenizer(lm)
+    tok = models.load_tokenizer(lm)
     import datasets
     pairs = reward_model.tokenize_pairs(datasets.Dataset.from_list(rows), tok, args, "d")
     said = capsys.readouterr().out
     assert len(pairs) == 10 and "dropped 2 of 12 pairs whose chosen or rejected response is null (rows 3, 7)" in said, \
         said
     numbers = [{"chosen": "1+1=2", "rejected": 3}, {"chosen": "2+2=4", "rejected": 5}]  # an int column
-    with pytest.raises(plumbing.UserError, match="row 0: prompt, chosen and rejected must all be texts or all "
+    with pytest.raises(distributed.UserError, match="row 0: prompt, chosen and rejected must all be texts or all "
                                                  "conversations .* not NoneType, str and int"):
         reward_model.tokenize_pairs(datasets.Dataset.from_list(numbers), tok, args, "d")
 
@@ -272,8 +274,8 @@ def test_preference_rows_with_a_null_response_are_dropped_and_other_kinds_refuse
     ("d.jsonl", None, ["--split", "nosuch"], "--split 'nosuch': a single local file is the split 'train'"),
     ("d.jsonl", None, ["--dataset-config", "main"], "--dataset-config 'main' has no effect on a local file"),
 ])
-def test_a_data_file_that_cannot_be_read_is_one_line(models, name, content, flags, says, tmp_path, capsys):
-    _, lm, _ = models
+def test_a_data_file_that_cannot_be_read_is_one_line(tiny_models, name, content, flags, says, tmp_path, capsys):
+    _, lm, _ = tiny_models
     path = tmp_path / name
     path.write_text(content or "".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n"
                                        for i in range(20)))
@@ -283,7 +285,7 @@ def test_a_data_file_that_cannot_be_read_is_one_line(models, name, content, flag
     assert not (tmp_path / "out").exists()
 
 
-def test_explained_variance_is_null_when_every_reward_is_zero_after_the_critic_moved(models, tmp_path, capsys):
+def test_explained_variance_is_null_when_every_reward_is_zero_after_the_critic_moved(tiny_models, tmp_path, capsys):
     """PPO whose every reward is 0 (`--reward math=0`), with a critic that has moved (started from the reward model:
     V ≠ 0): the returns R = A + V are 0 up to float32 rounding, and explained_variance is logged as null, not a huge
     negative number (the README's glossary)."""
@@ -291,7 +293,7 @@ def test_explained_variance_is_null_when_every_reward_is_zero_after_the_critic_m
 
     import train
 
-    _, lm, rm = models
+    _, lm, rm = tiny_models
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(40)))
     try:

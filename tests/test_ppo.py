@@ -8,9 +8,20 @@ import torch
 
 from gae import compute_gae
 from logprobs import TokenLogprobs, token_logprobs_reference
-from ppo import (adaptive_kl_beta, approx_kl, clip_fraction, clipped_surrogate_loss, entropy_from_logits,
-                 explained_variance, kl_early_stop, kl_shaped_rewards, masked_mean, policy_diagnostics, ppo_loss,
-                 value_loss)
+from ppo import (
+    adaptive_kl_beta,
+    approx_kl,
+    clip_fraction,
+    clipped_surrogate_loss,
+    entropy_from_logits,
+    explained_variance,
+    kl_early_stop,
+    kl_shaped_rewards,
+    masked_mean,
+    policy_diagnostics,
+    ppo_loss,
+    value_loss,
+)
 
 EPS = 0.2
 # (ratio, advantage, gradient is zero?) — document 002, "Understanding the Per-Token Surrogate":

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-
 import real_models as rm
+import torch
 from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -73,3 +73,115 @@ def test_no_absolute_machine_path_in_the_tree():
 def test_the_path_pattern_matches_paths_and_not_prose():
     assert MACHINE_PATH.search("--out " + "/tmp" + "/run1") and MACHINE_PATH.search('"/home' + '/me/venv/bin/python"')
     assert not MACHINE_PATH.search("tokens/s and steps/work/day") and not MACHINE_PATH.search("./tmp/x")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The README as a front door, and the pages it links (STYLE.md, principles 8 and 9)
+# ----------------------------------------------------------------------------------------------------------------------
+README = REPO / "README.md"
+PAGES = [README, REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")  # [text](target) and ![alt](target)
+CODE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)  # fenced blocks and inline code: their brackets are not links
+
+
+def links(page: Path) -> list[str]:
+    """The targets of the Markdown links and images of `page`, outside code."""
+    return LINK.findall(CODE.sub("", page.read_text(encoding="utf-8")))
+
+
+def is_relative(target: str) -> bool:
+    return not re.match(r"[a-z][a-z0-9+.-]*:", target, re.IGNORECASE) and not target.startswith("#")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, each space a hyphen."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.DOTALL)
+    return {slug(m) for m in re.findall(r"(?m)^#{1,6} +(.+?) *#*$", text)}
+
+
+def test_readme_is_at_most_15000_characters():
+    """Guards the front door's size: studies, derivations and operations belong in docs/ and benchmarks/README.md."""
+    assert len(README.read_text(encoding="utf-8")) <= 15_000
+
+
+def test_every_relative_link_of_the_pages_resolves_to_a_file():
+    """Guards against a link or an image left pointing at a file that moved or never existed."""
+    assert len(PAGES) >= 3 and all(p.exists() for p in PAGES), PAGES
+    broken = [f"{page.relative_to(REPO)}: {target}" for page in PAGES for target in links(page)
+              if is_relative(target) and not (page.parent / target.split("#")[0]).resolve().is_file()]
+    assert sum(len(links(p)) for p in PAGES) >= 10
+    assert broken == []
+
+
+def test_every_anchor_of_the_pages_names_a_heading():
+    """Guards against a link into a section that was renamed or moved to another page."""
+    broken = []
+    for page in PAGES:
+        for target in links(page):
+            path, _, anchor = target.partition("#")
+            if anchor and is_relative(target) or target.startswith("#"):
+                where = (page.parent / path).resolve() if path else page
+                if where.suffix == ".md" and anchor not in anchors(where):
+                    broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert broken == []
+
+
+def test_the_link_checker_sees_a_broken_link_and_a_broken_anchor(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# A title\n[ok](#a-title) [gone](missing.md) ![img](x.png) `[code](not-a-link.md)`\n")
+    assert links(page) == ["#a-title", "missing.md", "x.png"]
+    assert anchors(page) == {"a-title"} and slug("Memory of the --model path") == "memory-of-the---model-path"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    """Guards against a page in docs/ that no reader can reach from the front door."""
+    linked = {(REPO / t.split("#")[0]).resolve() for t in links(README) if is_relative(t)}
+    assert [p.name for p in sorted((REPO / "docs").glob("*.md")) if p.resolve() not in linked] == []
+
+
+def test_rooms_stay_short_and_plumbing_is_gone():
+    """Guards the file sizes of STYLE.md principle 8 (≤ 400 lines a room, train.py ≤ 600) and the split of plumbing.py
+    into rooms named for their concepts."""
+    assert not (REPO / "plumbing.py").exists()
+    lengths = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in PRODUCT}
+    assert "train.py" in lengths
+    assert {name: n for name, n in lengths.items() if n > (600 if name == "train.py" else 400)} == {}
+
+
+def top_level_names(path: Path) -> set[str]:
+    """The functions, classes and assigned names at the top of a module."""
+    out = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        for target in node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]:
+            out |= {target.id} if isinstance(target, ast.Name) else set()
+    return out
+
+
+def stale_names(page: Path, modules: dict[str, set[str]]) -> list[str]:
+    """`module.name` and `module.py:name` in the inline code of `page`, for a top-level module, that it lacks."""
+    out = []
+    for code in re.findall(r"`([^`\n]+)`", page.read_text(encoding="utf-8")):
+        for module, name in re.findall(r"(?<![\w./])(\w+)(?:\.py:|\.)(\w+)", code):
+            if module in modules and name not in ("py", "json", "jsonl", "md", "png") and name not in modules[module]:
+                out.append(f"{page.name}: {module}.{name}")
+    return out
+
+
+def test_every_function_the_pages_name_exists():
+    """Guards against a page citing a function that moved to another room or was renamed (`plumbing.shard`)."""
+    modules = {p.stem: top_level_names(p) for p in PRODUCT}
+    cited = sum(len(re.findall(r"`(?:train|ppo|grpo|gae)\.\w+", p.read_text(encoding="utf-8"))) for p in PAGES)
+    assert cited >= 10 and [s for page in PAGES for s in stale_names(page, modules)] == []
+
+
+def test_the_name_checker_sees_a_moved_function(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("`rewards.py:last_token_scores`, `rewards.math_reward`, `metrics.jsonl`, `train.py`\n")
+    assert stale_names(page, {"rewards": {"math_reward"}, "metrics": set(), "train": set()}) == [
+        "page.md: rewards.last_token_scores"]

@@ -16,15 +16,13 @@ from rewards import (
     extract_answer,
     format_reward,
     math_reward,
+    pad_batch,
     parse_number,
     parse_reward_spec,
     preference_accuracy,
-    last_token_scores,
-    pad_batch,
-    reward_model_ids,
     rule_based_rewards,
-    score_with_reward_model,
 )
+from scoring import last_token_scores, reward_model_ids, score_with_reward_model
 
 GSM8K_FIELD = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIn all she sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
 GARBAGE = "".join(random.Random(0).choice("abc{}<>\\/#$%&*()_ \n") for _ in range(200_000))  # no digits at all
@@ -204,21 +202,21 @@ def test_combined_reward_weighting():
 
 
 @pytest.mark.parametrize("spec", ["math=1.0,format=0.2", "math=2,format=-0.5", "format", "math=0.7"])
-def test_rule_based_rewards_agree_with_plumbing_apply_rewards(spec):
-    """The reference rule_based_rewards / combined_reward against what the trainer runs, plumbing.apply_rewards over
-    plumbing.load_reward_functions(--reward), on 60 random (completion, answer) pairs drawn from the parsing table,
+def test_rule_based_rewards_agree_with_the_trainers_apply_rewards(spec):
+    """The reference rule_based_rewards / combined_reward against what the trainer runs, scoring.apply_rewards over
+    scoring.load_reward_functions(--reward), on 60 random (completion, answer) pairs drawn from the parsing table,
     half of them wrapped in the R1 format: the same (B,) rewards, no problem reported.
 
     Catches: the trainer's sum and the documented R = Σ_k w_k R_k drifting apart (a weight dropped or applied twice,
     the spec parsed differently, a reward name bound to another function)."""
-    import plumbing
+    import scoring
 
     rng = random.Random(5)
     pairs = [rng.choice(MATH_CASES)[:2] for _ in range(60)]
     texts = [f"<think>so</think><answer>{c}</answer>" if i % 2 and isinstance(c, str) and len(c) < 100 else c
              for i, (c, _) in enumerate(pairs)]
     answers = [a for _, a in pairs]
-    theirs, problem = plumbing.apply_rewards(plumbing.load_reward_functions(spec), texts, answers, str)  # (B,)
+    theirs, problem = scoring.apply_rewards(scoring.load_reward_functions(spec), texts, answers, str)  # (B,)
     ours = rule_based_rewards(texts, answers, spec)  # (B,)
     assert problem is None
     assert ours.abs().sum() > 0 and len(set(ours.tolist())) > 1

@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import main_error
 
+import checkpoints
+import data
+import distributed
 import embedded_task
-import plumbing
 import rewards
 import sft
-from helpers import main_error
 
 
 def naive_greedy_accuracy(model_dir, rows: list[dict], max_new_tokens: int = 6) -> float:
@@ -73,7 +75,7 @@ def test_sft_loss_is_the_masked_cross_entropy_by_hand():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=4, initializer_range=0.2)).eval()
     pairs = [("12+3=", "15"), ("7+8=", "15"), ("20+20=", "40")]
-    examples = [sft.Example(prompt=plumbing.PromptRow(text=p, answer=a, ids=tok(p)["input_ids"]),
+    examples = [sft.Example(prompt=data.PromptRow(text=p, answer=a, ids=tok(p)["input_ids"]),
                             response_ids=tok(a)["input_ids"] + [tok.eos_token_id]) for p, a in pairs]
     ids, att, mask, P = sft.batch_tensors(examples, tok.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
@@ -107,7 +109,7 @@ def sft_run(tmp_path_factory):
 
 def test_first_step_loss_and_token_accuracy_by_hand(sft_run):
     """The logged loss and token_accuracy of step 1 equal the ones computed here from the starting checkpoint
-    (OUT/embedded_model) on the step's 64 rows, drawn as the trainer draws them (plumbing.rows_for_step), each
+    (OUT/embedded_model) on the step's 64 rows, drawn as the trainer draws them (data.rows_for_step), each
     sequence alone: −mean log p and the argmax hit rate over response tokens (answer + EOS) only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,7 +117,7 @@ def test_first_step_loss_and_token_accuracy_by_hand(sft_run):
     tok = AutoTokenizer.from_pretrained(start)
     model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32).eval()
     rows = rows_of(sft_run, "train.jsonl")[200:]  # train[200:], the sft stage's training split
-    picks = np.random.default_rng(plumbing.seed_for(0, "epoch", 0)).permutation(len(rows))[:64]  # step 1: epoch 0
+    picks = np.random.default_rng(distributed.seed_for(0, "epoch", 0)).permutation(len(rows))[:64]  # step 1: epoch 0
     total, hits, n = 0.0, 0, 0
     with torch.no_grad():
         for i in picks:
@@ -141,8 +143,8 @@ def test_stops_at_the_first_evaluation_that_reaches_the_target(sft_run):
     assert last["eval_accuracy"] >= 0.15 and all(r["eval_accuracy"] < 0.15 for r in evals[:-1])
     assert 0 < last["step"] < 1000 and last["step"] % 10 == 0 and last["eval_n"] == 200
     assert [r["step"] for r in evals] == list(range(0, last["step"] + 1, 10))
-    assert plumbing.latest_checkpoint(sft_run).endswith(f"step_{last['step']:06d}")
-    meta = json.loads(open(os.path.join(plumbing.latest_checkpoint(sft_run), "meta.json")).read())
+    assert checkpoints.latest_checkpoint(sft_run).endswith(f"step_{last['step']:06d}")
+    meta = json.loads(open(os.path.join(checkpoints.latest_checkpoint(sft_run), "meta.json")).read())
     assert meta["reached_target"] is True
     held_out = rows_of(sft_run, "train.jsonl")[:200]
     assert naive_greedy_accuracy(sft_run / "hf", held_out) == pytest.approx(last["eval_accuracy"])
@@ -162,7 +164,7 @@ def test_steps_caps_the_stage(tmp_path):
     assert run_main(["--algo", "sft", "--out", out, "--sft-target", "0.99", "--steps", "5", "--plot", "false"]) == 0
     evals = [r for r in metrics(out) if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [0, 5] and evals[-1]["eval_accuracy"] < 0.99
-    assert json.loads(open(os.path.join(plumbing.latest_checkpoint(out), "meta.json")).read())["reached_target"] is False
+    assert json.loads(open(os.path.join(checkpoints.latest_checkpoint(out), "meta.json")).read())["reached_target"] is False
     assert naive_greedy_accuracy(out / "hf", rows_of(out, "train.jsonl")[:200]) == pytest.approx(evals[-1]["eval_accuracy"])
 
 

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port, save_tiny_llama
 
+import data
+import distributed
 import logprobs
+import models
 import options
-import plumbing
 import sampling
 import train
-from helpers import free_port, save_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "_dist_worker.py")
@@ -113,7 +115,7 @@ def tiny_gpt2(tok):
 
 @pytest.mark.parametrize("arch,temperature", [("llama", 1.0), ("llama", 0.7), ("gpt2", 0.7)])
 def test_sequence_logprobs_match_a_per_position_loop(tiny_dir, arch, temperature):
-    tok = plumbing.load_tokenizer(tiny_dir)
+    tok = models.load_tokenizer(tiny_dir)
     model = plain_model(tiny_dir) if arch == "llama" else tiny_gpt2(tok)
     ids, att, mask = fixed_rollout(tok)
     with torch.no_grad():
@@ -155,11 +157,11 @@ def fake_run(tok, policy, max_new_tokens: int, temperature: float, **args) -> tr
 
 
 def rows_of(tok, prompts: list[str]) -> list:
-    return [plumbing.PromptRow(text=p, answer="0", ids=tok(p)["input_ids"]) for p in prompts]
+    return [data.PromptRow(text=p, answer="0", ids=tok(p)["input_ids"]) for p in prompts]
 
 
 def test_sample_mask_runs_through_the_first_eos(tiny_dir, one_process_group):
-    tok = plumbing.load_tokenizer(tiny_dir)
+    tok = models.load_tokenizer(tiny_dir)
     E, pad = tok.eos_token_id, tok.pad_token_id
     d = tok.convert_tokens_to_ids(list("123"))
     rows = [[d[0], d[1], E, d[2], d[2]],  # EOS in the middle, tokens after it
@@ -211,7 +213,7 @@ def fsdp_runs(tiny_dir, tmp_path_factory) -> tuple[Path, dict]:
     """A fixed batch through tests/_dist_worker.py: `update` on 1 rank; `update`, `generate` and `collectives` on 2
     ranks (one launch)."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    model, tok = plain_model(tiny_dir), plumbing.load_tokenizer(tiny_dir)
+    model, tok = plain_model(tiny_dir), models.load_tokenizer(tiny_dir)
     ids, att, mask = fixed_rollout(tok)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -241,7 +243,7 @@ def test_generate_gathers_parameters_once_per_rollout(tiny_dir, fsdp_runs):
             assert c == {"all_gather_single": n_modules}
         # the control: without train.unsharded each of the 2 blocks is gathered again for each of the 8 forwards
         assert counts["plain policy.generate T=8"]["all_gather_single"] >= 8 * 2
-    tok = plumbing.load_tokenizer(tiny_dir)
+    tok = models.load_tokenizer(tiny_dir)
     for T_ in (2, 8):
         rollout_invariants(out["rollouts"][T_], tok)
     ro = out["rollouts"][8]
@@ -250,14 +252,14 @@ def test_generate_gathers_parameters_once_per_rollout(tiny_dir, fsdp_runs):
 
 
 def test_small_models_are_one_fsdp_unit_large_ones_one_per_block(tiny_dir, one_process_group, monkeypatch):
-    """plumbing.shard: below BLOCKS_FROM parameters the root is the only FSDP2 unit (one all-gather per forward instead
+    """models.shard: below BLOCKS_FROM parameters the root is the only FSDP2 unit (one all-gather per forward instead
     of one per block); from it on, each transformer block is a unit of its own (what bounds a large model's memory)."""
     from torch.distributed.fsdp import FSDPModule
 
     units = lambda model: sum(isinstance(m, FSDPModule) for m in model.modules())  # noqa: E731
-    assert units(plumbing.shard(plain_model(tiny_dir), False)) == 1
-    monkeypatch.setattr(plumbing, "BLOCKS_FROM", sum(p.numel() for p in plain_model(tiny_dir).parameters()))
-    assert units(plumbing.shard(plain_model(tiny_dir), False)) == 2 + 1
+    assert units(models.shard(plain_model(tiny_dir), False)) == 1
+    monkeypatch.setattr(models, "BLOCKS_FROM", sum(p.numel() for p in plain_model(tiny_dir).parameters()))
+    assert units(models.shard(plain_model(tiny_dir), False)) == 2 + 1
 
 
 def grpo_reference_update(tiny_dir: str, batch: dict, loss_agg: str, max_grad_norm: float, lr: float):
@@ -354,7 +356,7 @@ def trainer_minibatches(world: int, B: int, minibatch: int, epochs: int) -> list
     per_rank, mb = B // world, minibatch // world
     out = []
     for epoch in range(epochs):
-        orders = [torch.randperm(per_rank, generator=torch.Generator().manual_seed(plumbing.seed_for(0, 1, epoch, r)))
+        orders = [torch.randperm(per_rank, generator=torch.Generator().manual_seed(distributed.seed_for(0, 1, epoch, r)))
                   if mb < per_rank else torch.arange(per_rank) for r in range(world)]
         out += [[r * per_rank + int(i) for r in range(world) for i in orders[r][k : k + mb]] for k in range(0, per_rank, mb)]
     return out
@@ -448,24 +450,25 @@ def test_rank_0_alone_reads_the_checkpoint_and_the_shards_equal_it(tiny_dir, fsd
         assert torch.equal(out["critic"][n], expected), n
 
 
-HELPERS = {"all_reduce", "all_gather_cat", "all_gather_objects", "broadcast_from_rank0"}  # plumbing's collective helpers
-PRODUCT = ("plumbing.py", "train.py", "sampling.py", "logprobs.py", "sft.py", "reward_model.py", "embedded_task.py")
+HELPERS = {"all_reduce", "all_gather_cat", "all_gather_objects", "broadcast_from_rank0"}  # distributed.py's collective helpers
+PRODUCT = ("distributed.py", "models.py", "data.py", "checkpoints.py", "metrics.py", "scoring.py", "optim.py",
+           "run_dir.py", "train.py", "sampling.py", "logprobs.py", "sft.py", "reward_model.py", "embedded_task.py")
 
 
 def test_every_collective_of_a_step_is_on_the_group_device(fsdp_runs):
     """One PPO and one GRPO step on 2 ranks (sampling, rewards, reference, critic, whitening, update, metrics), every
     torch.distributed collective recorded: each tensor is on the process group's device, and each call is made by
-    plumbing's helpers (which move tensors to that device) or by torch itself (FSDP2), never straight from train.py.
+    distributed.py's helpers (which move tensors to that device) or by torch itself (FSDP2), never straight from train.py.
     Catches e.g. `dist.all_reduce(torch.tensor([...]))` in the metrics: a CPU tensor that NCCL would refuse. On this CPU
     machine the group's device is the CPU, so the second check is the one that sees such a call here."""
     seen = torch.load(fsdp_runs[0] / "collectives.pt", weights_only=False)
-    for algo, data in seen.items():
-        calls, device = data["calls"], data["group_device"]
+    for algo, seen_by in seen.items():
+        calls, device = seen_by["calls"], seen_by["group_device"]
         assert device == "cpu" and {"all_reduce", "all_gather", "all_gather_single"} <= {c["fn"] for c in calls}, algo
         for c in calls:
             assert set(c["devices"]) <= {device}, (algo, c)
             file, fn = c["caller"][-1]
-            assert (file == "plumbing.py" and fn in HELPERS) or file not in PRODUCT, (algo, c)
+            assert (file == "distributed.py" and fn in HELPERS) or file not in PRODUCT, (algo, c)
 
 
 def test_logged_clipfrac_and_approx_kl_do_not_depend_on_world_size(fsdp_runs):
@@ -526,7 +529,7 @@ def test_torchrun_two_ranks_end_to_end(algo, extra, tmp_path):
 
 
 def test_unset_options_take_model_dependent_defaults():
-    """The embedded task's tuned values (README, "What tuning showed") never leak into a --model run, and an explicit
+    """The embedded task's tuned values (options.resolve_defaults) never leak into a --model run, and an explicit
     value, zero included, always wins."""
     close = lambda xs, ys: all(math.isclose(x, y, rel_tol=1e-12) for x, y in zip(xs, ys, strict=True))
     parse = lambda argv: options.resolve_defaults(options.parse_args(train.Args, argv), 1)
