@@ -486,7 +486,7 @@ def build_reward_model_run(args: Args, rank: int, world: int, device, tok, sourc
         rows = data.tokenize_prompts(tok, args, data.load_prompts(dataclasses.replace(args, eval_size=0), source)[0],
                                      None)
         sampler = sampling.make_sampler(policy, tok, args.max_new_tokens, 1.0, generation)
-        source = reward_model.embedded_comparisons(args, policy, tok, rows, sampler)
+        source = embedded_task.embedded_comparisons(args, policy, tok, rows, sampler)
         del policy
     torch.manual_seed(args.seed)  # the new score head: the same start with or without the comparisons' sampling
     model, shapes, _ = models.load_model(spec, device, mixed)

@@ -12,7 +12,6 @@ Outputs in --out (default benchmarks/results): results.json (results_wN.json und
 matplotlib is installed.
 """
 import argparse
-import datetime
 import json
 import os
 import socket
@@ -52,7 +51,7 @@ def parse(argv=None) -> argparse.Namespace:
                    "each larger one in a child torch.distributed.run")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the 1-process parts: 1 as torchrun's ranks "
                    "get (OMP_NUM_THREADS=1); on a shared CPU more threads stall on each other. 0 = torch's default")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="directory for results.json and bench.png")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder of results.json and bench.png")
     a = p.parse_args(argv)
     a.parts = PARTS if a.part == "all" else tuple(a.part.split(","))
     preset = QUICK if a.quick else FULL
@@ -64,16 +63,6 @@ def parse(argv=None) -> argparse.Namespace:
     return a
 
 
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?") \
-        if os.path.exists("/proc/cpuinfo") else "?"
-    out = {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-           "python": sys.version.split()[0], "date": datetime.date.today().isoformat(), "loadavg_start": os.getloadavg()}
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name()
-    return out
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,8 +72,9 @@ def free_port() -> int:
 def launch_ledger(world: int, sizes: list[str]) -> list[dict]:
     """Run the ledger part on `world` ranks in a child torch.distributed.run; return its rows."""
     with tempfile.TemporaryDirectory() as child_out:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), __file__, "--part", "ledger", "--sizes", ",".join(sizes), "--out", child_out]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), __file__, "--part", "ledger", "--sizes", ",".join(sizes),
+               "--out", child_out]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)), "PYTHONPATH": str(REPO)}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -93,8 +83,9 @@ def launch_ledger(world: int, sizes: list[str]) -> list[dict]:
 
 
 def run_parts(a, rank: int, world: int, device, log) -> dict:
-    res: dict = {"meta": machine() | {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "world": world,
-                                      "device": device.type, "quick": a.quick}}
+    command = " ".join([os.path.basename(sys.executable)] + sys.argv)
+    res: dict = {"meta": common.machine() | {"torch_threads": torch.get_num_threads(), "command": command,
+                                             "world": world, "device": device.type, "quick": a.quick}}
     part_s = res["meta"]["part_s"] = {}  # wall seconds per part
     t = time.perf_counter()
     if "ledger" in a.parts:
@@ -133,7 +124,8 @@ def run_parts(a, rank: int, world: int, device, log) -> dict:
     part_s["rl_trl"], t = time.perf_counter() - t, time.perf_counter()
     if "gae" in a.parts:
         log("gae ...", flush=True)
-        res["gae"] = [r for B in a.preset["gae_B"] for r in gae_part.run(a.preset["gae_T"], B, a.preset["repeats"], log=log)]
+        res["gae"] = [r for B in a.preset["gae_B"]
+                      for r in gae_part.run(a.preset["gae_T"], B, a.preset["repeats"], log=log)]
     part_s["gae"] = time.perf_counter() - t
     return res
 
@@ -149,7 +141,8 @@ def run_trl(a, work: str, rl_rows: list[dict], log) -> list[dict]:
         except Exception as e:  # an API change in TRL must not lose the rest of the results
             row = {"size": size, "skipped": f"{type(e).__name__}: {str(e)[:300]}"}
         ours = next(r for r in rl_rows if r["size"] == size and r["algo"] == "grpo")
-        rows.append(row | {"ours_grpo_t_step": ours["t_step"], "ours_grpo_t_step_without_reward": ours["t_step"] - ours["t_reward"]})
+        rows.append(row | {"ours_grpo_t_step": ours["t_step"],
+                           "ours_grpo_t_step_without_reward": ours["t_step"] - ours["t_reward"]})
     return rows
 
 
@@ -158,19 +151,21 @@ def report(res: dict) -> str:
     out = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}; load average (1 min) "
            f"{m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end (other users share this CPU)"]
     if "ledger" in res:
-        out += ["", "Ledger vs measured: parameters + gradients + AdamW state per rank, bytes (after one optimizer step)",
-                common.table(res["ledger"], ledger_part.COLUMNS)]
+        title = "Ledger vs measured: parameters + gradients + AdamW state per rank, bytes (after one optimizer step)"
+        out += ["", title, common.table(res["ledger"], ledger_part.COLUMNS)]
     if "matmul_peak" in res:
         mp = res["matmul_peak"]
-        out += ["", f"Matmul peak: {mp['best_flops_per_s'] / 1e9:.1f} GFLOP/s, the best of this run's measurements "
-                f"({mp['n']}³ {mp['dtype']}, {mp['threads']} threads; at start {mp['flops_per_s'] / 1e9:.1f}); MFU is taken against it"]
+        out += ["", (f"Matmul peak: {mp['best_flops_per_s'] / 1e9:.1f} GFLOP/s, the best of this run's measurements "
+                     f"({mp['n']}³ {mp['dtype']}, {mp['threads']} threads; at start {mp['flops_per_s'] / 1e9:.1f}); "
+                     "MFU is taken against it")]
     if res.get("rl"):
-        shown = [r | {"state_mib": common.mib(r["state_bytes"]), "state_ledger_mib": common.mib(r["state_bytes_ledger"]),
-                      "peak_mib": common.mib(r["peak_bytes"]), "update_gflops": r["update_flops"] / 1e9, "mfu_pct": 100 * r["mfu"],
-                      "matmul_gflops": r["matmul_peak_flops_per_s"] / 1e9}
+        shown = [r | {"state_mib": common.mib(r["state_bytes"]), "peak_mib": common.mib(r["peak_bytes"]),
+                      "state_ledger_mib": common.mib(r["state_bytes_ledger"]), "update_gflops": r["update_flops"] / 1e9,
+                      "mfu_pct": 100 * r["mfu"], "matmul_gflops": r["matmul_peak_flops_per_s"] / 1e9}
                  for r in res["rl"]]
-        out += ["", "PPO vs GRPO: seconds per phase of one RL step (fastest timed step), bytes, throughput (completion tokens)",
-                common.table(shown, rl_part.COLUMNS), "", "The documents' claims as PPO/GRPO ratios, beside the ledger's arithmetic and the measurement",
+        out += ["", ("PPO vs GRPO: seconds per phase of one RL step (fastest timed step), bytes, throughput "
+                     "(completion tokens)"), common.table(shown, rl_part.COLUMNS), "",
+                "The documents' claims as PPO/GRPO ratios, beside the ledger's arithmetic and the measurement",
                 common.table(res["claims"], rl_part.CLAIM_COLUMNS)]
     if res.get("gae"):
         out += ["", "GAE: gae.compute_gae (padded batch) vs a naive per-sequence loop (best of repeats)",
@@ -178,7 +173,8 @@ def report(res: dict) -> str:
     if res.get("trl"):
         out += ["", "TRL GRPOTrainer, same GRPO configuration"]
         ran = [r for r in res["trl"] if "skipped" not in r]
-        out += ([common.table(ran, trl_part.COLUMNS)] if ran else []) + [f"skipped: {r['skipped']}" for r in res["trl"] if "skipped" in r]
+        out += [common.table(ran, trl_part.COLUMNS)] if ran else []
+        out += [f"skipped: {r['skipped']}" for r in res["trl"] if "skipped" in r]
     return "\n".join(out)
 
 
@@ -194,7 +190,8 @@ def plot(res: dict, path: str) -> None:
     for r in res.get("rl", []):
         bottom = 0.0
         for i, ph in enumerate(rl_part.PHASES):
-            axes[0].bar(f"{r['size']} {r['algo']}", r[f"t_{ph}"], bottom=bottom, color=f"C{i}", label=ph if r is res["rl"][0] else None)
+            axes[0].bar(f"{r['size']} {r['algo']}", r[f"t_{ph}"], bottom=bottom, color=f"C{i}",
+                        label=ph if r is res["rl"][0] else None)
             bottom += r[f"t_{ph}"]
     axes[0].set_ylabel("seconds per RL step (fastest timed step)")
     if res.get("rl"):
@@ -235,7 +232,7 @@ def main(argv=None) -> int:
     log = print if rank == 0 else (lambda *x, **k: None)
     os.makedirs(a.out, exist_ok=True)
     res = run_parts(a, rank, world, device, log)
-    res["meta"] |= {"runtime_s": time.perf_counter() - t0, "loadavg_end": os.getloadavg()}  # 1/5/15-min: others' load
+    res["meta"] |= {"runtime_s": time.perf_counter() - t0, "loadavg_end": os.getloadavg()}  # 1/5/15 min: others' load
     if rank == 0:
         print("\n" + report(res), flush=True)
         path = os.path.join(a.out, "results.json" if world == 1 else f"results_w{world}.json")  # torchrun: ledger only
@@ -244,7 +241,7 @@ def main(argv=None) -> int:
         if world == 1 and ("rl" in res or "gae" in res or "ledger" in res):
             plot(res, os.path.join(a.out, "bench.png"))
         print(f"\nwrote {path} ({res['meta']['runtime_s']:.0f} s)", flush=True)
-    dist.barrier()  # leave together: a gloo rank torn down while another still writes can abort ("terminate called ...")
+    dist.barrier()  # leave together: a gloo rank torn down while another still writes can abort ("terminate called")
     dist.destroy_process_group()
     return 0
 

@@ -1,13 +1,18 @@
 """Shared pieces of the benchmark: model sizes built from a config, an offline tokenizer, memory and FLOP counters.
 
 Nothing here is downloaded: every model is a `transformers.LlamaConfig` with random weights, every tokenizer is built
-in memory. Counters say exactly what they count (benchmarks/README.md, "What each number measures").
+in memory. Counters say exactly what they count (benchmarks/benchmarks/README.md).
 
 Shape legend: B sequences (prompts × G), S = P + T positions per sequence, V vocabulary, h hidden size, L layers.
 """
+import datetime
 import math
 import os
+import platform
+import re
 import statistics
+import subprocess
+import threading
 import time
 
 import torch
@@ -15,13 +20,30 @@ import torch
 # Llama shapes, untied embeddings (as train.py's embedded model). Odd vocabularies (127, 50257 = GPT-2's) split
 # unevenly over 2 FSDP ranks, so the ledger-vs-measured table shows FSDP2's padding.
 SIZES: dict[str, dict] = {
-    "tiny": dict(vocab_size=127, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "S": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
-    "M": dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4),
-    "L": dict(vocab_size=50257, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12),
+    "tiny": dict(vocab_size=127, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "S": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=4),
+    "M": dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+              num_key_value_heads=4),
+    "L": dict(vocab_size=50257, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+              num_key_value_heads=12),
 }
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARS = list("0123456789+-*=# ")
+
+
+def machine() -> dict:
+    """The CPU, its cores, torch and Python, the date, the load average at start (other jobs' load), the GPU."""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+           "date": datetime.date.today().isoformat(), "loadavg_start": os.getloadavg()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
 
 
 def llama_config(size: str, max_positions: int = 512):
@@ -48,7 +70,7 @@ def make_tokenizer(vocab_size: int):
 
 
 def save_model(size: str, path: str, seed: int = 0) -> str:
-    """Random-weight Llama of `size` and its tokenizer, save_pretrained to `path`, for models.load_full_model (reused)."""
+    """Random-weight Llama of `size` and its tokenizer, saved to `path` (reused) for models.load_full_model."""
     from transformers import LlamaForCausalLM
 
     if not os.path.exists(os.path.join(path, "config.json")):
@@ -172,13 +194,45 @@ class PeakBytes:
             self.peak = self.base + torch.cuda.max_memory_allocated(self.device) - self.at_entry
             return False
         self.prof.__exit__(*exc)
-        events = sorted((e.start_ns(), e.nbytes()) for e in self.prof.profiler.kineto_results.events() if e.name() == "[memory]")
+        events = sorted((e.start_ns(), e.nbytes()) for e in self.prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
         running = high = 0
         for _, nbytes in events:  # + for an allocation, − for a free
             running += nbytes
             high = max(high, running)
         self.peak = self.base + high
         return False
+
+
+def run_measuring_rss(cmd: list[str], **popen) -> dict:
+    """Run cmd under /usr/bin/time -v (Linux), its resident memory read from outside two ways: time's "Maximum resident
+    set size" (the kernel's high-water mark, after exit) and the largest VmRSS of time's children seen by polling
+    /proc every 20 ms (a lower bound, to within a few pages). Returns returncode, stdout, stderr, wall_s, rss_time_gib,
+    rss_polled_gib."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+    peak_kb, stop = [0], threading.Event()
+
+    def poll():
+        while not stop.wait(0.02):
+            total = 0
+            try:
+                for pid in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split():
+                    found = re.search(r"VmRSS:\s+(\d+) kB", open(f"/proc/{pid}/status").read())
+                    total += int(found.group(1)) if found else 0
+            except OSError:  # a child that just exited
+                pass
+            peak_kb[0] = max(peak_kb[0], total)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    stdout, stderr = proc.communicate()
+    stop.set()
+    poller.join()
+    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
+    return {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr, "wall_s": time.perf_counter() - t0,
+            "rss_time_gib": int(found.group(1)) / 2**20 if found else None, "rss_polled_gib": peak_kb[0] / 2**20}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

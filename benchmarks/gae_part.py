@@ -59,11 +59,13 @@ def run(lengths_T: list[int], B: int, repeats: int = 3, gamma: float = 1.0, lam:
         # advantages' scale is loose for float32 and still catches any indexing or masking mistake (errors of order 1)
         err = max((A - A0).abs().max().item(), (R - R0).abs().max().item())
         scale = max(A0.abs().max().item(), 1.0)
-        rows.append({"T": T, "B": B, "tokens": sum(lengths), "t_vectorised_ms": 1e3 * t_vec, "t_naive_ms": 1e3 * t_naive,
-                     "speedup": t_naive / t_vec, "max_abs_diff": err, "agree": err <= 1e-4 * scale})
+        rows.append({"T": T, "B": B, "tokens": sum(lengths), "t_vectorised_ms": 1e3 * t_vec,
+                     "t_naive_ms": 1e3 * t_naive, "speedup": t_naive / t_vec, "max_abs_diff": err,
+                     "agree": err <= 1e-4 * scale})
         log(f"  gae: T={T} done", flush=True)
     return rows
 
 
 COLUMNS = [("T", "T"), ("B", "B"), ("tokens", "valid tokens"), ("t_vectorised_ms", "compute_gae ms"),
-           ("t_naive_ms", "naive loop ms"), ("speedup", "compute_gae speed-up ×"), ("max_abs_diff", "max |Δ|"), ("agree", "agree")]
+           ("t_naive_ms", "naive loop ms"), ("speedup", "compute_gae speed-up ×"), ("max_abs_diff", "max |Δ|"),
+           ("agree", "agree")]

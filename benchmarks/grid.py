@@ -7,8 +7,8 @@ Each cell is exactly what a user types, run to completion in a fresh --out (warm
 
 and is timed from launch to exit. The table gives the warm start's held-out accuracy (what the supervised phase
 stopped at), the greedy evaluation accuracy at every --eval-every step, and the wall time; the plot draws every
-cell's evaluation curve. The target the project holds itself to (README, "Figures"): every cell ≥ 0.90 final
-accuracy in ≤ 300 s on 2 CPU cores.
+cell's evaluation curve. The target the project holds itself to (benchmarks/README.md, "Figures"): every cell
+≥ 0.90 final accuracy in ≤ 300 s on 2 CPU cores.
 
     python benchmarks/grid.py                        # seeds 0-4 x {1, 2} ranks x {grpo, ppo}: ~1 hour on 2 cores
     python benchmarks/grid.py --seeds 0 --algos grpo --ranks 2     # one cell
@@ -34,7 +34,8 @@ TARGET_ACCURACY, TARGET_SECONDS = 0.90, 300.0
 
 def command(algo: str, seed: int, ranks: int, out: str, extra: list[str]) -> list[str]:
     """The README's default command for this cell (torchrun is `python -m torch.distributed.run`)."""
-    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
+    launcher = [sys.executable] if ranks == 1 else torchrun
     return launcher + ["train.py", "--algo", algo, "--seed", str(seed), "--out", out, *extra]
 
 
@@ -48,7 +49,8 @@ def run_cell(algo: str, seed: int, ranks: int, extra: list[str]) -> dict:
     if p.returncode != 0:
         cell["error"] = (p.stderr.strip().splitlines() or ["(no stderr)"])[-1]
     sft_rows = os.path.join(out, "sft", "metrics.jsonl")  # the warm start: the sft stage's own --out
-    sft_evals = [json.loads(line) for line in open(sft_rows) if "eval_accuracy" in line] if os.path.exists(sft_rows) else []
+    sft_evals = [json.loads(line) for line in open(sft_rows) if "eval_accuracy" in line] \
+        if os.path.exists(sft_rows) else []
     if sft_evals:
         cell["sft_steps"], cell["sft_accuracy"] = sft_evals[-1]["step"], sft_evals[-1]["eval_accuracy"]
     path = os.path.join(out, "metrics.jsonl")
@@ -84,7 +86,8 @@ def table(cells: list[dict], machine: str) -> str:
             acc[-1] = f"**{acc[-1]}**"
         warm = f"{c.get('sft_steps', '?')} steps, {c.get('sft_accuracy', float('nan')):.3f}"
         verdict = "met" if passes(c) else "**missed**: " + misses(c)
-        lines.append(f"| {c['algo']} | {c['ranks']} | {c['seed']} | {warm} | " + " | ".join(acc) + f" | {c['wall_s']:.0f} | {verdict} |")
+        lines.append(f"| {c['algo']} | {c['ranks']} | {c['seed']} | {warm} | " + " | ".join(acc)
+                     + f" | {c['wall_s']:.0f} | {verdict} |")
     lines += ["", summary(cells)]
     return "\n".join(lines) + "\n"
 
@@ -96,7 +99,8 @@ def summary(cells: list[dict]) -> str:
         if not mine:
             continue
         finals, walls = [c["final"] for c in mine], [c["wall_s"] for c in mine]
-        out.append(f"- {algo}: final accuracy {min(finals):.3f}–{max(finals):.3f} (mean {sum(finals) / len(finals):.3f}), "
+        out.append(f"- {algo}: final accuracy {min(finals):.3f}–{max(finals):.3f} "
+                   f"(mean {sum(finals) / len(finals):.3f}), "
                    f"wall {min(walls):.0f}–{max(walls):.0f} s, {sum(map(passes, mine))}/{len(mine)} cells meet "
                    f"≥ {TARGET_ACCURACY} in ≤ {TARGET_SECONDS:.0f} s")
     return "\n".join(out)
@@ -117,7 +121,8 @@ def plot(cells: list[dict], path: str) -> None:
                     color="tab:blue" if c["ranks"] == 1 else "tab:orange", alpha=0.8,
                     label=f"{c['ranks']} rank(s)" if c["seed"] == min(d["seed"] for d in cells) else None)
         ax.axhline(TARGET_ACCURACY, color="gray", linestyle="--", linewidth=1)
-        ax.set(title=f"{algo}: default command, every seed", xlabel="RL step", ylabel="greedy eval accuracy", ylim=(0, 1))
+        ax.set(title=f"{algo}: default command, every seed", xlabel="RL step", ylabel="greedy eval accuracy",
+               ylim=(0, 1))
         ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -135,10 +140,10 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--ranks", default="1,2")
     ap.add_argument("--algos", default="grpo,ppo")
-    ap.add_argument("--keep", action="store_true", help="keep the cells already in grid.json; run only the missing ones")
+    ap.add_argument("--keep", action="store_true", help="keep the cells already in grid.json; run the missing ones")
     ap.add_argument("--name", default="grid", help="results file stem under benchmarks/results/")
     ap.add_argument("--report", action="store_true", help="only rewrite the table and plot from the JSON")
-    ap.add_argument("extra", nargs="*", help="more train.py options after --, e.g. -- --steps 300 (then not the default)")
+    ap.add_argument("extra", nargs="*", help="more train.py options after --, e.g. -- --steps 300 (not the default)")
     a = ap.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     stem = os.path.join(RESULTS, a.name)

@@ -18,7 +18,8 @@ import models
 from benchmarks import common
 
 
-def padded_bytes(*, shapes: list[tuple[int, ...]], world_size: int, rank: int, bytes_per_elem: int = 4) -> dict[str, int]:
+def padded_bytes(*, shapes: list[tuple[int, ...]], world_size: int, rank: int,
+                 bytes_per_elem: int = 4) -> dict[str, int]:
     """Bytes FSDP2 allocates for one model on `rank`: each parameter's shard padded to c = ⌈d_0/W⌉ rows (also its
     gradient, inside the unit's flat reduce-scatter buffer); AdamW's m and v only for the unpadded rows."""
     padded = sum(math.ceil(s[0] / world_size) * math.prod(s[1:]) for s in shapes)  # c·row elements per parameter
@@ -44,7 +45,8 @@ def measure(size: str, rank: int, world: int, device: torch.device, mixed: bool)
     n_params = sum(math.prod(s) for s in shapes)
     model = models.shard(model, mixed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, common.SIZES[size]["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, common.SIZES[size]["vocab_size"], (2, 16), generator=g).to(device)
     model(input_ids=ids, labels=ids).loss.backward()  # (2, 16) tokens
     opt.step()
     accounting = "fsdp2_mixed" if mixed else "fp32"

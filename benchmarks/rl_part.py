@@ -36,7 +36,7 @@ PHASES = ("generate", "reward", "policy_fwd", "ref_fwd", "critic_fwd", "advantag
 
 
 def make_prompts(n: int, length: int, seed: int) -> list[tuple[str, str]]:
-    """n arithmetic prompts of exactly `length` characters, 'd+d+...+d=' padded with leading zeros, and their answers."""
+    """n arithmetic prompts of exactly `length` characters, 'd+d+...+d=' left-padded with zeros, and their answers."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n):
@@ -71,9 +71,9 @@ class Run:
         self.size, self.cfg, self.rank, self.world, self.device = size, cfg, rank, world, device
         mixed = device.type == "cuda"
         B = cfg["prompts"] * cfg["group_size"]
-        a = train.Args(algo=algo, group_size=cfg["group_size"], prompts_per_step=cfg["prompts"], max_new_tokens=cfg["T"],
-                       minibatch_size=B // cfg["minibatches"], epochs=cfg["epochs"], beta=0.04, reward="math", seed=0,
-                       out=work_dir, lr=1e-5, critic_lr=1e-5, ent_coef=0.0, model="benchmark")
+        a = train.Args(algo=algo, group_size=cfg["group_size"], prompts_per_step=cfg["prompts"],
+                       max_new_tokens=cfg["T"], minibatch_size=B // cfg["minibatches"], epochs=cfg["epochs"], beta=0.04,
+                       reward="math", seed=0, out=work_dir, lr=1e-5, critic_lr=1e-5, ent_coef=0.0, model="benchmark")
         self.a = options.resolve_defaults(a, world)  # loss_agg, micro-batch (≤ 8 with a model); the values above win
         self.a.micro_batch_size = self.a.minibatch_size // world  # the whole per-rank minibatch, as before
         options.check_args(dataclasses.replace(self.a, model=""), world)
@@ -153,24 +153,28 @@ class Run:
     def result(self, matmul: dict) -> dict:
         a, world, timed = self.a, self.world, self.timed
         shapes = {n: [tuple(p.shape) for p in m.parameters()] for n, m in self.trained.items()}  # global shapes
-        row = {"size": self.size, "algo": a.algo, "world": world, "B": a.prompts_per_step * a.group_size, "G": a.group_size,
-               "P": timed[0]["n_prompt"], "T": a.max_new_tokens, "epochs": a.epochs, "minibatches": self.cfg["minibatches"],
+        ledger = [memory_ledger.per_rank_bytes_exact(shapes=s, world_size=world, rank=self.rank,
+                                                     accounting=self.accounting)["total"] for s in shapes.values()]
+        row = {"size": self.size, "algo": a.algo, "world": world, "B": a.prompts_per_step * a.group_size,
+               "G": a.group_size, "P": timed[0]["n_prompt"], "T": a.max_new_tokens, "epochs": a.epochs,
+               "minibatches": self.cfg["minibatches"],
                "n_params": {n: sum(math.prod(x) for x in s) for n, s in shapes.items()},
                "n_tensors": {n: len(s) for n, s in shapes.items()},
-               "n_frozen": {"reference": sum(p.numel() for p in self.ref.parameters()), "reward_model": sum(p.numel() for p in self.rm.parameters())},
+               "n_frozen": {n: sum(p.numel() for p in m.parameters()) for n, m in (("reference", self.ref),
+                                                                                  ("reward_model", self.rm))},
                "steps_timed": len(timed), "completion_tokens": common.median([s["completion_tokens"] for s in timed]),
-               "state_bytes_ledger": sum(memory_ledger.per_rank_bytes_exact(shapes=s, world_size=world, rank=self.rank,
-                                                                            accounting=self.accounting)["total"] for s in shapes.values()),
-               "state_bytes": self.measured_state, "live_bytes_at_step_start": self.base, "peak_bytes": self.peak}
+               "state_bytes_ledger": sum(ledger), "state_bytes": self.measured_state,
+               "live_bytes_at_step_start": self.base, "peak_bytes": self.peak}
         for ph in PHASES:  # other users' load only ever adds time: the fastest step is the estimate, the median is kept
             row[f"t_{ph}"] = min(s[ph] for s in timed)
             row[f"t_{ph}_median"] = common.median([s[ph] for s in timed])
-        row["per_step"] = [{k: s[k] for k in PHASES + ("loadavg_1min",)} for s in timed]  # the raw timings behind the table
+        row["per_step"] = [{k: s[k] for k in PHASES + ("loadavg_1min",)} for s in timed]  # the timings behind the table
         row["t_step"] = sum(row[f"t_{ph}"] for ph in PHASES)
         # FLOPs of the update: every position of every sequence goes through forward and backward, per epoch
         hf, positions, S = self.policy.config, timed[0]["positions"], timed[0]["seq_len"]
-        row["update_flops"] = a.epochs * sum(common.train_flops(n_matmul=common.matmul_params(m), n_layers=hf.num_hidden_layers,
-                                                                 hidden=hf.hidden_size, seq_len=S, n_tokens=positions) for m in self.trained.values())
+        row["update_flops"] = a.epochs * sum(common.train_flops(n_matmul=common.matmul_params(m), seq_len=S,
+                                                                 n_layers=hf.num_hidden_layers, hidden=hf.hidden_size,
+                                                                 n_tokens=positions) for m in self.trained.values())
         row["gen_tokens_per_s"] = row["completion_tokens"] / row["t_generate"]
         row["update_tokens_per_s"] = a.epochs * row["completion_tokens"] / row["t_update"]
         row["update_flops_per_s"] = row["update_flops"] / row["t_update"] / world  # per rank; MFU: add_mfu
@@ -206,9 +210,10 @@ def compare(size: str, cfg: dict, rank: int, world: int, device, work_dir: str, 
 
 def claims(ppo: dict, grpo: dict) -> list[dict]:
     """Each claim as a PPO/GRPO ratio (a saving x reads 1/(1 − x)) beside the arithmetic for these exact shapes and the
-    measurement. Documents: 000 "At Massive Scale" (savings 1-3), 001 "GRPO = PPO − value head", 003 "Memory Profiling"."""
+    measurement. Documents: 000 "At Massive Scale" (savings 1-3), 001 "GRPO = PPO − value head", 003 "Memory
+    Profiling"."""
     n_pol, n_crit = ppo["n_params"]["policy"], ppo["n_params"]["critic"]
-    # model state as run here: trained models 16 B/param, frozen reference and reward model fp32 4 B/param (no fp16 copy)
+    # model state as run here: trained models 16 B/param, frozen reference and reward model fp32 4 B/param (no fp16)
     frozen = 4 * sum(ppo["n_frozen"].values())
     state_ppo, state_grpo = 16 * (n_pol + n_crit) + frozen, 16 * n_pol + frozen
     rows = [
@@ -218,16 +223,19 @@ def claims(ppo: dict, grpo: dict) -> list[dict]:
          ppo["peak_bytes"] / grpo["peak_bytes"]),
         ("000 ~50% fewer FLOPs per training step: update (analytic: FLOPs; measured: time)", 2.0,
          ppo["update_flops"] / grpo["update_flops"], ppo["t_update"] / grpo["t_update"]),
-        ("000 ~50% less gradient all-reduce volume: gradient bytes (1 rank: not measured)", 2.0, (n_pol + n_crit) / n_pol, None),
-        ("no claim: whole RL step time, generation and frozen forwards included", None, None, ppo["t_step"] / grpo["t_step"]),
+        ("000 ~50% less gradient all-reduce volume: gradient bytes (1 rank: not measured)", 2.0,
+         (n_pol + n_crit) / n_pol, None),
+        ("no claim: whole RL step time, generation and frozen forwards included", None, None,
+         ppo["t_step"] / grpo["t_step"]),
     ]
     return [{"size": ppo["size"], "claim": c, "doc": d, "ledger": l, "measured": m} for c, d, l, m in rows]
 
 
 COLUMNS = [("size", "size"), ("algo", "algo"), ("B", "B"), ("P", "P"), ("T", "T"), ("t_generate", "generate s"),
-           ("t_reward", "reward s"), ("t_policy_fwd", "π_old fwd s"), ("t_ref_fwd", "ref fwd s"), ("t_critic_fwd", "critic fwd s"),
-           ("t_advantages", "adv s"), ("t_update", "update s"), ("t_step", "step s"), ("state_mib", "state MiB"),
-           ("state_ledger_mib", "ledger MiB"), ("peak_mib", "peak MiB"), ("gen_tokens_per_s", "gen tok/s"),
-           ("update_tokens_per_s", "update tok/s"), ("update_gflops", "update GFLOP"), ("matmul_gflops", "matmul GFLOP/s"), ("mfu_pct", "MFU %")]
-CLAIM_COLUMNS = [("size", "size"), ("claim", "claim (document)"), ("doc", "doc PPO/GRPO"), ("ledger", "ledger/analytic"),
-                 ("measured", "measured")]
+           ("t_reward", "reward s"), ("t_policy_fwd", "π_old fwd s"), ("t_ref_fwd", "ref fwd s"),
+           ("t_critic_fwd", "critic fwd s"), ("t_advantages", "adv s"), ("t_update", "update s"), ("t_step", "step s"),
+           ("state_mib", "state MiB"), ("state_ledger_mib", "ledger MiB"), ("peak_mib", "peak MiB"),
+           ("gen_tokens_per_s", "gen tok/s"), ("update_tokens_per_s", "update tok/s"),
+           ("update_gflops", "update GFLOP"), ("matmul_gflops", "matmul GFLOP/s"), ("mfu_pct", "MFU %")]
+CLAIM_COLUMNS = [("size", "size"), ("claim", "claim (document)"), ("doc", "doc PPO/GRPO"),
+                 ("ledger", "ledger/analytic"), ("measured", "measured")]

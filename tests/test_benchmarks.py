@@ -1,6 +1,8 @@
 """The benchmark suite kept honest on small sizes: it runs (1 rank and a 2-rank torchrun launched by it), the bytes it
-measures equal sums computed here from the parameter shapes alone, its CPU peak counter counts known allocations
-exactly, and both GAE implementations it times agree. No timing is asserted: the CPU is shared and timings are noise.
+measures equal sums computed here from the parameter shapes alone, its memory counters (CPU peak in-process, a child's
+resident memory) count known allocations, both GAE implementations it times agree, the TRL comparison runs train.py
+with the settings it reports, and the GPU check runs on CPU. No timing is asserted: the CPU is shared and timings are
+noise. (That TRL's GRPOTrainer computes train.py's loss and gradient is tests/test_trl_equivalence.py.)
 """
 import json
 import math
@@ -27,7 +29,8 @@ def local_rows(d0: int, world: int, rank: int) -> int:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench")
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--part", "ledger,rl,gae,trl", "--out", str(out)]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--part", "ledger,rl,gae,trl",
+           "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Ledger vs measured" in proc.stdout and "PPO vs GRPO" in proc.stdout and "GAE" in proc.stdout
@@ -44,9 +47,10 @@ def test_ledger_rows_on_1_and_2_ranks_equal_independent_sums(quick):
         # fp32 AdamW: weights, grads, exp_avg, exp_avg_sq at 4 B each + the step scalars
         exact = 16 * numel + ADAM_STEP * len(shapes)
         assert r["tensors"] == r["measure_state_bytes"] == r["ledger_exact"] == exact
-        assert r["tensors_by_kind"] == {"params": 4 * numel, "grads": 4 * numel, "optimizer": 8 * numel + ADAM_STEP * len(shapes)}
+        adam = 8 * numel + ADAM_STEP * len(shapes)  # m and v, and the step scalars
+        assert r["tensors_by_kind"] == {"params": 4 * numel, "grads": 4 * numel, "optimizer": adam}
         # what the allocator holds: params and grads padded to ⌈d_0/W⌉ rows, AdamW moments unpadded
-        assert r["storage_by_kind"] == {"params": 4 * padded, "grads": 4 * padded, "optimizer": 8 * numel + ADAM_STEP * len(shapes)}
+        assert r["storage_by_kind"] == {"params": 4 * padded, "grads": 4 * padded, "optimizer": adam}
         assert r["storage"] == r["padded"]
     w2 = [r for r in rows if r["world"] == 2]
     n_params = w2[0]["n_params"]
@@ -111,6 +115,41 @@ def test_cpu_peak_counter_counts_known_allocations():
         c = torch.empty(500_000)  # 2 MB → 10 MB live
         del b, c
     assert 1000 + 12_000_000 <= peak.peak < 1000 + 12_000_000 + 65_536  # allow a few small bookkeeping allocations
+
+
+@pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="no GNU time here (benchmarks/memory.py needs it)")
+def test_child_rss_counter_sees_a_known_allocation():
+    """common.run_measuring_rss (benchmarks/memory.py's two outside readings): a child that holds 300 MB of touched
+    memory for a second peaks at least that high by both readings, and they agree within 1 MiB (the kernel's
+    per-thread RSS counters are batched: the polled VmRSS can read a few pages above ru_maxrss)."""
+    code = "import time; x = bytearray(300 * 2**20); time.sleep(1.0)"  # bytearray zero-fills: every page is touched
+    run = common.run_measuring_rss([sys.executable, "-c", code])
+    assert run["returncode"] == 0, run["stderr"][-2000:]
+    assert 300 / 1024 <= run["rss_polled_gib"] <= run["rss_time_gib"] + 1 / 1024
+    assert 300 / 1024 <= run["rss_time_gib"] < 300 / 1024 + 0.2  # + the interpreter
+
+
+def test_trl_compare_runs_train_py_with_the_settings_it_reports():
+    """benchmarks/trl_compare.py's command line for our side is one train.py accepts, and it resolves to the settings
+    the comparison reports (SETTINGS): the flags cannot drift from train.py's options unseen, without TRL installed."""
+    import options
+    import train
+    from benchmarks.trl_compare import SETTINGS, ours_command
+
+    cmd = ours_command("python", "MODEL", "DATA", "OUT", seed=3, steps=7)
+    assert cmd[1].endswith("train.py")
+    a = options.resolve_defaults(options.parse_args(train.Args, cmd[2:]), 1)
+    assert (a.algo, a.model, a.dataset, a.out, a.seed, a.steps) == ("grpo", "MODEL", "DATA", "OUT", 3, 7)
+    assert {k: getattr(a, k) for k in SETTINGS} == SETTINGS
+    B = SETTINGS["prompts_per_step"] * SETTINGS["group_size"]
+    assert (a.minibatch_size, a.micro_batch_size, a.epochs, a.ent_coef) == (B, B, 1, 0)  # one on-policy step a batch
+    assert (a.loss_agg, a.kl_estimator, a.lr_schedule, a.scale_rewards) == ("token-mean", "k3", "constant", True)
+
+
+def test_trl_compare_says_when_the_trl_virtualenv_is_missing(tmp_path):
+    p = subprocess.run([sys.executable, "benchmarks/trl_compare.py", "--trl-python", str(tmp_path / "none")],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "trl_requirements.txt" in p.stderr.splitlines()[-1], p.stderr
 
 
 def test_padded_bytes_by_hand():

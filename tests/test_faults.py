@@ -108,12 +108,26 @@ def checkpoints(out) -> list[str]:
     return sorted(os.listdir(root)) if os.path.isdir(root) else []
 
 
-def policy_weights(out, step: int) -> dict:
+def checkpoint_state(out, step: int) -> dict:
+    """The whole checkpoint of `step` as one dict: {"policy": weights, "policy_optim": AdamW's state, ...}."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     flat = os.path.join(out, f"step_{step}.pt")
-    dcp_to_torch_save(os.path.join(out, "checkpoints", f"step_{step:06d}"), flat)
-    return torch.load(flat, weights_only=False)["policy"]
+    if not os.path.exists(flat):
+        dcp_to_torch_save(os.path.join(out, "checkpoints", f"step_{step:06d}"), flat)
+    return torch.load(flat, weights_only=False)
+
+
+def policy_weights(out, step: int) -> dict:
+    return checkpoint_state(out, step)["policy"]
+
+
+def tensors(tree, prefix: str = "") -> dict:
+    """Every tensor of a nested dict/list (an optimizer state), by its path."""
+    if torch.is_tensor(tree):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
+    return {k: v for key, sub in items for k, v in tensors(sub, f"{prefix}/{key}").items()}
 
 
 def seconds_since_last_row(out) -> float:
@@ -432,5 +446,9 @@ def test_non_finite_loss_skips_the_step_and_keeps_the_weights(runs):
     skipped = {r["step"]: r["skipped_updates"] for r in rows(out) if "reward_mean" in r}
     assert skipped == {1: 0, 2: 4, 3: 0}  # 2 epochs × 16/8 minibatches at step 2
     w1, w2, w3 = (policy_weights(out, s) for s in (1, 2, 3))
-    assert all(torch.equal(w1[k], w2[k]) for k in w1), "a skipped step changed the weights"
-    assert not all(torch.equal(w2[k], w3[k]) for k in w2), "training went on after the skipped step"
+    assert all(torch.isfinite(w2[k]).all() and torch.equal(w1[k], w2[k]) for k in w1), "a skipped step changed them"
+    assert all(torch.isfinite(w3[k]).all() for k in w3) and not all(torch.equal(w2[k], w3[k]) for k in w2), \
+        "training went on after the skipped step, with finite weights"
+    o1, o2 = (tensors(checkpoint_state(out, s)["policy_optim"]) for s in (1, 2))
+    assert o1.keys() == o2.keys() and len(o1) > 0
+    assert all(torch.isfinite(o2[k]).all() and torch.equal(o1[k], o2[k]) for k in o1), "AdamW's state moved"
