@@ -24,6 +24,7 @@ import shutil
 import numpy as np
 import torch
 
+import checkpoints
 import distributed
 import rewards as rewards_lib
 import sampling
@@ -185,3 +186,26 @@ def embedded_comparisons(args, policy, tok, rows: list, sampler: sampling.Sample
                 f"{args.model} (ties dropped), in {path}")
     torch.distributed.barrier()
     return path
+
+
+def warm_start_args(args, world: int):
+    """The options of the warm start, the sft stage of this task that an rl or rm stage without --model runs first into
+    OUT/sft: those of `train.py --algo sft --out OUT/sft --seed S --steps SFT_STEPS --sft-target T`. A complete OUT/sft
+    made with these settings is reused (and an interrupted one resumed: `resume` is set), one made with other settings
+    is refused."""
+    import options  # here: options reads this module's names at import
+
+    sft_args = options.resolve_defaults(options.Args(algo="sft", out=os.path.join(args.out, "sft"), seed=args.seed,
+                                                     steps=args.sft_steps, sft_target=args.sft_target,
+                                                     dtype=args.dtype, plot=args.plot), world)
+    sft_args.model = os.path.join(sft_args.out, MODEL_DIR)
+    saved = checkpoints.latest_checkpoint(sft_args.out)
+    if saved is not None:
+        diff = checkpoints.experiment_changes(checkpoints.read_meta(saved)["args"], sft_args)
+        if diff:
+            raise distributed.UserError(f"{sft_args.out} holds a warm start made with other settings "
+                                        f"({'; '.join(diff)}): choose another --out, or remove {sft_args.out}")
+    sft_args.resume = saved is not None
+    say(f"warm start: the sft stage, as `train.py --algo sft --out {sft_args.out} --seed {args.seed} --steps "
+        f"{args.sft_steps} --sft-target {sft_args.sft_target}`" + (" (resumed)" if saved else ""))
+    return sft_args

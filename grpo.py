@@ -1,4 +1,5 @@
-"""GRPO: group-relative advantages, the KL estimators k1/k2/k3, the GRPO loss and its aggregations.
+"""GRPO: group-relative advantages (and RLOO's, REINFORCE++-baseline's), the KL estimators k1/k2/k3, the GRPO loss
+and its aggregations.
 
 Implements document 001 ("GRPO — drop the critic"), sections "The algorithm in two lines", "Why the group mean is a
 valid baseline", "Why divide by std?" and "The loss in code"; document 004 ("PPO & GRPO for LLM Alignment"), "8. GRPO:
@@ -6,6 +7,8 @@ Dropping the Critic"; document 002 ("GRPO vs. PPO for LLM RL"), "KL Regularizati
 
     A_i  = (R_i − mean_j R_j) / (std_j R_j + ε_std)   group-relative advantage, broadcast to every token of rollout i
     A_i  =  R_i − mean_j R_j                         Dr.GRPO (Liu et al. 2025): no std division (scale=False)
+    A_i  =  R_i − (1/(n−1)) Σ_{j≠i} R_j  =  n/(n−1)·(R_i − mean_j R_j)    RLOO (Kool et al. 2019; Ahmadian et al. 2024)
+    Â_i  = (c_i − μ)/√(s² + ε),  c_i = R_i − mean_j R_j    REINFORCE++-baseline (Hu et al. 2025); μ, s² over the batch
     ℓ_t  = ℓ^CLIP_t + β·k_t,   ℓ^CLIP_t = −min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε_high) A_i)   (ppo.clipped_surrogate_loss)
     k1_t = log π_θ − log π_ref;   k2_t = ½ (log π_θ − log π_ref)²;   k3_t = π_ref/π_θ − log(π_ref/π_θ) − 1
 
@@ -32,6 +35,10 @@ Shapes: P prompts, G completions per prompt, B = P·G sequences, T completion to
 | ε_std       | eps           | scalar | guard in the std division (1e-6, document 001's code); not ε the clip range |
 | β           | beta          | scalar | KL coefficient                                                   |
 | L_max       | max_len       | scalar | Dr.GRPO's constant normaliser (e.g. max new tokens)              |
+| n           | n             | (P, 1) | valid members of a group (RLOO, REINFORCE++-baseline)            |
+| c_i         | c             | (B,)   | group-centred reward R_i − mean_j R_j of row i = p·G + g         |
+| μ, s²       | mu, var       | scalar | mean and Bessel-corrected variance of c over all valid tokens    |
+| ε           | eps           | scalar | in reinforce_pp_baseline_advantages: guard inside √(s² + ε)      |
 """
 
 import torch
@@ -77,9 +84,67 @@ def group_advantages(
 def degenerate_groups(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """(P,) True where a group's valid rewards are all equal or fewer than 2 are valid: exactly the groups that
     group_advantages gives A ≡ 0 (the trainer's frac_reward_zero_std)."""
-    d, v = _shifted(rewards, valid)  # (P, G), (P, G)
+    d = _shifted(rewards, valid)[0]  # (P, G)
     # degenerate ⇔ R_i = R_first for every valid i  (true as well when fewer than 2 are valid: then every d_i = 0)
     return (d == 0).all(-1)  # (P,)
+
+
+def rloo_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """RLOO: A_i = R_i − (1/(n−1)) Σ_{j≠i} R_j, the mean of the group's other valid members as baseline; (P, G).
+
+    Kool, van Hoof, Welling 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!" (the leave-one-out baseline);
+    Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in
+    LLMs" (RLOO). The baseline of sample i never contains R_i, so E[∇log π(y_i)·b_i] = 0 exactly: this is the
+    unbiased baseline of docs/errata.md (the group-mean erratum), where R_i − mean_j R_j gives ∇J shrunk by (n−1)/n.
+    With S = Σ_j R_j, R_i − (S − R_i)/(n−1) = n/(n−1)·(R_i − S/n): RLOO is Dr.GRPO's advantage
+    (group_advantages(scale=False)) scaled by n/(n−1), which undoes exactly that shrinkage.
+    valid: optional (P, G) bool; invalid members get A = 0 and are left out of n and of every baseline. A group with
+    fewer than 2 valid members has no baseline and gets A = 0. Exact zeros: the sums run in float64 on R_i − R_first
+    (_shifted, as in group_advantages), so equal valid rewards give A = 0 exactly. Returned in rewards' dtype.
+    """
+    d, v = _shifted(rewards, valid)  # (P, G), (P, G)
+    n = v.sum(-1, keepdim=True)  # (P, 1) valid members
+    # b_i = (Σ_{j valid} R_j − R_i) / (n − 1)   (the shift R_first cancels in R_i − b_i)
+    baseline = (d.sum(-1, keepdim=True) - d) / (n - 1).clamp(min=1)  # (P, G)
+    # A_i = R_i − b_i, 0 for invalid members and in groups with fewer than 2 valid members
+    adv = torch.where((n >= 2) & (v > 0), d - baseline, torch.zeros_like(d))  # (P, G)
+    return adv.to(rewards.dtype)  # (P, G)
+
+
+def reinforce_pp_baseline_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None, eps: float = 1e-8
+) -> torch.Tensor:
+    """REINFORCE++-baseline: R_i minus its group mean, whitened over every valid token of the batch; rewards (P, G),
+    mask (P·G, T) → (P·G,), one value per sequence (the same at each of its tokens); row p·G + g is member g of p.
+
+    Hu et al. 2025, "REINFORCE++" (its variant with a baseline, for several samples per prompt; the title and the
+    numbering changed across the paper's versions): c_i = R_i − mean_j R_j is broadcast to each token of completion
+    i, then Â = (c − μ)/√(s² + ε), μ and s² the mean and Bessel-corrected variance over all valid tokens of the batch,
+    so a sequence of |y_i| tokens counts |y_i| times. verl's reinforce_plus_plus_baseline estimator takes the same
+    steps (masked_whiten: variance over N − 1 tokens, ε = 1e-8 inside the square root; a group of one keeps its raw
+    reward there, 0 here); OpenRLHF's reinforce_baseline divides by N and first folds the k1 KL penalty into
+    per-token returns, so its values vary along a sequence.
+    valid: optional (P, G) bool; invalid members are left out of their group's mean and of μ, s², and get 0, as do
+    rows with no valid token. Exact on constant rewards: c is computed in float64 on R_i − R_first (_shifted), so a
+    group of equal rewards has c ≡ 0 exactly and a batch of such groups gives 0/√ε = 0 (the c of a group sum to 0,
+    so equal c can only be 0: the batch statistics need no further shift).
+    """
+    if mask.shape[0] != rewards.numel():
+        raise ValueError(f"mask has {mask.shape[0]} rows for {rewards.numel()} completions; it must be (P·G, T)")
+    d, v = _shifted(rewards, valid)  # (P, G), (P, G)
+    n = v.sum(-1, keepdim=True)  # (P, 1) valid members
+    # c_i = R_i − mean_{j valid} R_j   (the shift cancels)
+    c = ((d - d.sum(-1, keepdim=True) / n.clamp(min=1)) * v).reshape(-1)  # (B,)
+    # w_i = |y_i| for a valid member, 0 otherwise: each sequence counts once per token
+    w = mask.double().sum(-1) * v.reshape(-1)  # (B,)
+    N = w.sum()  # () valid tokens in the batch
+    # μ = Σ_i w_i c_i / N
+    mu = (w * c).sum() / N.clamp(min=1)  # ()
+    # s² = Σ_i w_i (c_i − μ)² / (N − 1)
+    var = (w * (c - mu) ** 2).sum() / (N - 1).clamp(min=1)  # ()
+    # Â_i = (c_i − μ) / √(s² + ε), 0 for rows with no valid token
+    adv = torch.where(w > 0, (c - mu) / torch.sqrt(var + eps), torch.zeros_like(c))  # (B,)
+    return adv.to(rewards.dtype)  # (B,)
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

@@ -7,14 +7,17 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 import checkpoints
+import grpo
 import memory_ledger
 import models
+import ppo
 from checkpoints import atomic_write
-from distributed import synchronize
+from distributed import all_gather_cat, global_sum, synchronize
 
 
 class MetricsLog:
@@ -68,6 +71,40 @@ class StepTimer:
 
     def total(self) -> float:
         return self.last - self.start
+
+
+def rollout_metrics(run, batch) -> tuple[dict, int]:
+    """Collective: the logged row's rollout statistics, reduced over all ranks (metric glossary in README.md), and the
+    completion tokens of all ranks. Every rank makes the same collectives whether or not it has a reference or a
+    sampler record (zeros stand in)."""
+    args, mask = run.args, batch.completion_mask
+    scores, valid = all_gather_cat(batch.scores), all_gather_cat((batch.loss_mask.sum(1) > 0).float()).bool()  # (W·B,)
+    lengths = all_gather_cat(mask.sum(1))  # (W·B,)
+    cut = all_gather_cat(batch.truncated.float()) if batch.truncated is not None else torch.zeros(1)  # (W·B,)
+    degenerate = grpo.degenerate_groups(scores.view(-1, args.group_size), valid.view(-1, args.group_size))  # (W·B/G,)
+    row = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+           "frac_reward_zero_std": degenerate.float().mean().item(), "completion_len_mean": lengths.mean().item(),
+           "frac_truncated": cut.mean().item(), "beta": run.beta, "kl": None, "rollout_logprob_diff": None}
+    if batch.gold_scores is not None:
+        row["gold_reward_mean"] = all_gather_cat(batch.gold_scores).mean().item()
+    zeros = torch.zeros_like(mask)  # (B, T)
+    kl = grpo.kl_k3(batch.old_logprobs, batch.ref_logprobs) * mask if batch.ref_logprobs is not None else zeros
+    diff = (batch.sampler_logprobs - batch.old_logprobs).abs() * mask if batch.sampler_logprobs is not None else zeros
+    n, kl_sum, diff_sum = global_sum(mask.sum().item(), kl.sum().item(), diff.sum().item())
+    row |= {"kl": kl_sum / max(n, 1)} if batch.ref_logprobs is not None else {}
+    row |= {"rollout_logprob_diff": diff_sum / max(n, 1)} if batch.sampler_logprobs is not None else {}
+    if args.algo == "ppo":
+        ev = ppo.explained_variance(all_gather_cat(batch.old_values), all_gather_cat(batch.returns),
+                                    all_gather_cat(batch.loss_mask))
+        row["explained_variance"] = ev.item()
+    return row, int(lengths.sum().item())
+
+
+def summarize(stats: list, stopped: bool) -> dict:
+    """Means over the optimizer steps taken, how many were taken and skipped, and whether --early-stop-kl ended them."""
+    out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0] if k != "skipped_updates"} if stats else {}
+    skipped = sum(s["skipped_updates"] for s in stats)
+    return out | {"minibatches_taken": len(stats), "skipped_updates": skipped, "kl_early_stop": int(bool(stopped))}
 
 
 def memory_plan(trained: dict, frozen: dict, shapes: dict, mixed: bool) -> dict:

@@ -14,6 +14,7 @@ A critic started from the reward model that scores the run keeps its head, scale
 (critic_head_affine). Every function that holds a collective says so in its first line.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -208,6 +209,29 @@ def shard(model: torch.nn.Module, mixed_precision: bool) -> torch.nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module):
+    """Gather the policy's parameters once for a whole rollout, instead of once per generated token: without this,
+    every decoding step's forward would all-gather every block and reshard it afterwards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):  # a plain module (one fp32 process): nothing to gather
+        yield model
+        return
+    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    for m in blocks:
+        m.set_reshard_after_forward(False, recurse=False)
+    for m in [model] + blocks:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in [model] + blocks:
+            m.reshard()
+        for m in blocks:
+            m.set_reshard_after_forward(True, recurse=False)
+
+
 def transformer_blocks(model: torch.nn.Module) -> list:
     names = set(getattr(model, "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names]
@@ -276,3 +300,25 @@ def load_rl_models(run, mixed: bool) -> dict:
         spec = ModelSpec("critic", source, flag, checkpointing=args.gradient_checkpointing, head_affine=affine)
         run.critic, shapes["critic"], _ = load_model(spec, run.device, mixed)
     return shapes
+
+
+def check_critic_source(args) -> None:
+    """The critic reads the policy's token ids: a --critic-init checkpoint must share the policy's vocabulary (the
+    same tokenizer, or, without one, the same embedding rows), else its embeddings are the wrong rows."""
+    if args.algo != "ppo" or args.critic_init == "policy":
+        return
+    import embedded_task  # here, not at the top: embedded_task's own imports need none of this module
+
+    policy = load_tokenizer(args.model) if args.model else embedded_task.make_char_tokenizer()
+    source = args.critic_init
+    bare = all(not os.path.exists(os.path.join(source, f)) for f in ("tokenizer.json", "tokenizer_config.json")) \
+        and os.path.exists(os.path.join(source, "config.json"))  # a local checkpoint saved without its tokenizer
+    if not bare:  # load_tokenizer names a directory that is not a model
+        same = load_tokenizer(source, "--critic-init").get_vocab() == policy.get_vocab()
+    else:  # the embedding must at least have the policy's rows
+        same = getattr(transformers.AutoConfig.from_pretrained(source), "vocab_size", None) == (
+            transformers.AutoConfig.from_pretrained(args.model).vocab_size if args.model else len(policy))
+    if not same:
+        raise UserError(f"--critic-init {source!r} has another vocabulary than the policy "
+                        f"({args.model or 'the embedded tiny model'}): the critic reads the policy's token ids, so it "
+                        "must come from a model of the same tokenizer (or use --critic-init policy)")

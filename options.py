@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import embedded_task
+import models
 from data import check_hub_reachable
 from distributed import UserError
-from models import load_tokenizer
 from scoring import load_reward_functions
 
 
@@ -76,8 +76,10 @@ class Args:
     kl_horizon: float = arg(10000.0, "H of the adaptive β, in samples: a step moves β up by at most 20% × samples per "
                                       "step / H, down by at most that and never below half (β stays positive)")
     early_stop_kl: float = arg(0.0, "end a step's epochs at the first minibatch whose approx_kl exceeds this; 0 = off")
-    eps: float = arg(0.2, "clip range ε of the surrogate: ρ is kept within [1 − ε, 1 + ε_high]")
-    eps_high: float | None = arg(None, "upper clip range ε_high (DAPO's clip-higher); unset = --eps")
+    eps: float | None = arg(None, "clip range ε of the surrogate: ρ is kept within [1 − ε, 1 + ε_high]; unset: 0.2, "
+                                  "3e-4 with --policy-loss gspo")
+    eps_high: float | None = arg(None, "upper clip range ε_high (DAPO's clip-higher); unset: --eps (4e-4 with "
+                                       "--policy-loss gspo and no --eps)")
     dual_clip: float = arg(0.0, "dual-clip bound c > 1 for tokens with A < 0 (Ye et al. 2020); 0 = off")
     vf_coef: float = arg(0.5, "c_v: weight of the critic loss (PPO; the critic has its own AdamW: docs/derivations.md)")
     ent_coef: float | None = arg(None, "c_h: entropy bonus; unset: 0.05 (GRPO) or 0.08 (PPO) on the tiny model, 0 with "
@@ -98,6 +100,21 @@ class Args:
         None, "GRPO's aggregation: seq-mean-token-mean (GRPO, the default) | token-mean (DAPO) | "
               "seq-mean-token-sum-norm (Dr.GRPO); PPO takes token-mean only")
     scale_rewards: bool = arg(True, "GRPO: divide by the group std (false = Dr.GRPO)")
+    advantage: Literal["grpo", "rloo", "reinforce-pp-baseline"] = arg(
+        "grpo", "GRPO's advantage: grpo (group mean and std) | rloo (leave-one-out mean; Ahmadian et al. 2024) | "
+                "reinforce-pp-baseline (group mean, then whitened over the batch's tokens; Hu et al. 2025)")
+    policy_loss: Literal["ppo", "gspo"] = arg("ppo", "GRPO's surrogate: ppo (each token's ratio, clipped) | gspo (the "
+                                                     "sequence's length-normalised ratio, clipped; Zheng et al. 2025)")
+    dynamic_sampling: bool = arg(False, "GRPO: drop groups whose rewards are all equal and sample more prompts until "
+                                        "the step holds --prompts-per-step groups with a spread (DAPO)")
+    max_sample_batches: int = arg(4, "--dynamic-sampling: the most batches of --prompts-per-step prompts a step "
+                                     "samples; then the step is topped up with equal-reward groups")
+    overlong_buffer: int = arg(0, "DAPO's overlong shaping: a reward penalty growing linearly from 0 to −1 over the "
+                                  "last this many tokens before --max-new-tokens; 0 = off")
+    sampler_correction_cap: float = arg(0.0, "weight each token's surrogate by min(π_θold/p_sampler, C), C this "
+                                             "(truncated importance sampling; Yao et al. 2025); 0 = off")
+    sampler_correction_mask: bool = arg(False, "with --sampler-correction-cap: drop a sequence whose ratio "
+                                               "π_θold/p_sampler leaves [1/C, C]")
     steps: int | None = arg(None, "optimizer steps; unset: RL 400; tiny model: sft 2000 (a cap: see --sft-target), rm "
                                   "2000; --model: sft and rm one pass over the data")
     eval_every: int | None = arg(None, "evaluate every this many steps, and at step 0; unset: sft 10, rm 100, RL 50")
@@ -136,6 +153,10 @@ def resolve_defaults(args: Args, world: int) -> Args:
     args.sft_target = unset(args.sft_target, 0.6 * warm_start)
     # PPO's loss is document 000's token mean E_t; GRPO's is document 001's per-sequence mean
     args.loss_agg = args.loss_agg or ("token-mean" if args.algo == "ppo" else "seq-mean-token-mean")
+    gspo = args.policy_loss == "gspo"  # GSPO's ratio is a sequence's: its paper clips it at 1 − 3e-4 … 1 + 4e-4
+    if gspo and args.eps_high is None:  # unset: the paper's 4e-4 beside its ε, or --eps on both sides
+        args.eps_high = 4e-4 if args.eps is None else args.eps
+    args.eps = unset(args.eps, 3e-4 if gspo else 0.2)
     batch = args.prompts_per_step * (args.group_size if rl else 1)
     if args.minibatch_size is None:  # the whole rollout batch, at most 256 sequences per optimizer step
         fits = [m for m in range(min(256, batch), 0, -1) if batch % m == 0 and m % world == 0] if rl else []
@@ -222,29 +243,7 @@ def check_args(args, world_size: int) -> None:
                             f"gguf_model.py --gguf {name} --out DIR`, then give {flag} DIR")
         if name and flag != "--dataset":
             check_hub_reachable(flag, name)  # a hub name not in the cache needs the Hub: say now if it is out of reach
-    check_critic_source(args)
-
-
-def check_critic_source(args) -> None:
-    """The critic reads the policy's token ids: a --critic-init checkpoint must share the policy's vocabulary (the
-    same tokenizer, or, without one, the same embedding rows), else its embeddings are the wrong rows."""
-    if args.algo != "ppo" or args.critic_init == "policy":
-        return
-    import transformers
-
-    policy = load_tokenizer(args.model) if args.model else embedded_task.make_char_tokenizer()
-    source = args.critic_init
-    bare = all(not os.path.exists(os.path.join(source, f)) for f in ("tokenizer.json", "tokenizer_config.json")) \
-        and os.path.exists(os.path.join(source, "config.json"))  # a local checkpoint saved without its tokenizer
-    if not bare:  # load_tokenizer names a directory that is not a model
-        same = load_tokenizer(source, "--critic-init").get_vocab() == policy.get_vocab()
-    else:  # the embedding must at least have the policy's rows
-        same = getattr(transformers.AutoConfig.from_pretrained(source), "vocab_size", None) == (
-            transformers.AutoConfig.from_pretrained(args.model).vocab_size if args.model else len(policy))
-    if not same:
-        raise UserError(f"--critic-init {source!r} has another vocabulary than the policy "
-                        f"({args.model or 'the embedded tiny model'}): the critic reads the policy's token ids, so it "
-                        "must come from a model of the same tokenizer (or use --critic-init policy)")
+    models.check_critic_source(args)
 
 
 def check_batch_shapes(args, world_size: int) -> None:
@@ -279,7 +278,7 @@ def check_finite(args) -> None:
 
 def check_values(args) -> None:
     """One rule per value; the first broken one is the message."""
-    for holds, message in objective_rules(args) + run_rules(args):
+    for holds, message in objective_rules(args) + variant_rules(args) + run_rules(args):
         if not holds:
             raise UserError(message)
     check_prompt_template(args.prompt_template)
@@ -318,6 +317,24 @@ def objective_rules(args) -> list[tuple[bool, str]]:
     ]
 
 
+def variant_rules(args) -> list[tuple[bool, str]]:
+    """(holds, message) for the options of the 2024-25 variants (RLOO, REINFORCE++, GSPO, DAPO, the correction)."""
+    return [
+        (args.algo == "grpo" or (args.advantage, args.policy_loss, args.dynamic_sampling) == ("grpo", "ppo", False),
+         "--advantage, --policy-loss and --dynamic-sampling are GRPO's options (PPO's advantage is GAE's, per token)"),
+        (args.policy_loss != "gspo" or args.loss_agg == "seq-mean-token-mean",
+         f"--policy-loss gspo is an objective per sequence: it needs --loss-agg seq-mean-token-mean, not "
+         f"{args.loss_agg}"),
+        (args.max_sample_batches >= 1, f"--max-sample-batches must be at least 1, not {args.max_sample_batches}"),
+        (0 <= args.overlong_buffer <= args.max_new_tokens,
+         f"--overlong-buffer {args.overlong_buffer} must be in [0, --max-new-tokens {args.max_new_tokens}]"),
+        (not args.sampler_correction_cap or args.sampler_correction_cap > 1,
+         f"--sampler-correction-cap must be greater than 1 (0 = off), not {args.sampler_correction_cap}"),
+        (not args.sampler_correction_mask or args.sampler_correction_cap,
+         "--sampler-correction-mask needs --sampler-correction-cap C (the band [1/C, C] it masks outside)"),
+    ]
+
+
 def run_rules(args) -> list[tuple[bool, str]]:
     """(holds, message) for the values of the run: its length, evaluations, checkpoints and data."""
     return [
@@ -350,7 +367,9 @@ def check_prompt_template(template: str) -> None:
 # Options that only the RL stages read: with --algo sft or rm they would change nothing, so setting one is refused.
 RL_ONLY = ("group_size", "temperature", "mask_truncated", "reward_model", "reward_model_weight", "critic_init",
            "critic_lr", "beta", "kl_estimator", "adaptive_kl_target", "early_stop_kl", "eps", "eps_high", "dual_clip",
-           "vf_coef", "ent_coef", "value_clip", "epochs", "minibatch_size", "gamma", "lam", "loss_agg")
+           "vf_coef", "ent_coef", "value_clip", "epochs", "minibatch_size", "gamma", "lam", "loss_agg", "scale_rewards",
+           "advantage", "policy_loss", "dynamic_sampling", "max_sample_batches", "overlong_buffer",
+           "sampler_correction_cap", "sampler_correction_mask")
 
 
 def check_stage_options(args) -> None:
@@ -367,13 +386,3 @@ def check_stage_options(args) -> None:
     if unread:
         raise UserError(f"--{unread[0].replace('_', '-')} has no effect without --reward-model (it acts on the reward "
                         "model's score)")
-
-
-
-
-
-
-
-
-
-

@@ -1,4 +1,5 @@
-"""PPO for language models: the clipped surrogate, the critic loss, entropy, KL reward shaping, diagnostics.
+"""PPO for language models: the clipped surrogate (and GSPO's), the critic loss, entropy, KL reward shaping, the
+sampler correction, diagnostics.
 
 Implements document 000 ("The Critic Bottleneck in PPO": "The Mathematics of PPO and Its Critic", "Manual Numerical
 Walkthrough" steps 4-7), document 002 ("GRPO vs. PPO for LLM RL": "The PPO Clipping Mechanism", "Understanding the
@@ -14,6 +15,12 @@ objective for RLHF").
     L     = mean_t L^CLIP_t + c_v·mean_t L^V_t − c_h·mean_t H_t  (−J_PPO + c_v·L_V − c_h·H)    composite loss
     stop the epochs when approx_kl > KL_target, or β_{t+1} = β_t·max(1 + (n/H)·e_t, ½),                KL control
         e_t = clip(KL_t/KL_target − 1, −0.2, 0.2)
+    s_i   = exp((1/|y_i|) Σ_t m_t (log π_θ − log π_θold))                      GSPO's sequence ratio (Zheng et al. 2025)
+    L^GSPO_t = −min(s_{i,t} A_i, clip(s_{i,t}, 1−ε, 1+ε_high) A_i),  s_{i,t} = sg[s_i]·π_θ(y_t)/sg[π_θ(y_t)]  GSPO-token
+    w_t   = min(π_θold(y_t)/p_sampler(y_t), C), 0 on sequences with Π_t π_θold/p_sampler ∉ [1/C, C]   sampler correction
+
+The last three lines are the 2024–25 variants: GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization") and
+the sampler–trainer correction (Yao et al. 2025, truncated importance sampling); sg[·] is the stop-gradient.
 
 Document 000's walkthrough misses an active clip at token 3 (its printed L_PPO and L drop it): docs/errata.md;
 tests/test_worked_example.py pins the clipped values.
@@ -37,7 +44,12 @@ Shapes: B sequences, T completion tokens, V vocabulary.
 | β             | beta              | scalar    | KL coefficient (InstructGPT used 0.02, document 004)       |
 | KL_target, H  | kl_target, horizon| scalar    | adaptive-KL target and horizon (Ziegler et al. 2019)       |
 | logits        | logits            | (B, T, V) | policy logits that produced logprobs                       |
+| s_i           | sequence_ratio(…) | (B,)      | GSPO's sequence ratio, normalised by the length Σ_t m_t    |
+| log p_sampler | sampler_logprobs  | (B, T)    | log-prob of each token under the sampler that drew it      |
+| w_t, C        | weights, cap      | (B, T), scalar | truncated importance weight π_θold/p_sampler and its cap |
 """
+
+import math
 
 import torch
 
@@ -80,6 +92,93 @@ def clipped_surrogate_loss(
         # dual clip, A < 0 only: L_t = min(L^CLIP_t, −c·A_t)
         loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)  # (B, T)
     return loss
+
+
+def sequence_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's sequence ratio s_i = (π_θ(y_i)/π_θold(y_i))^{1/|y_i|}, the geometric mean of the token ratios; (B,).
+
+    Zheng et al. 2025, "Group Sequence Policy Optimization", the s_i(θ) of its objective (Equation 5). Not detached:
+    ∇s_i = s_i·(1/|y_i|) Σ_t m_t ∇log π_θ(y_t). A row with no tokens gets s = 1. log s_i is clamped at 10 before the
+    exp (verl's bound in compute_policy_loss_gspo): e^10 ≈ 2.2e4 is finite even in float16, whose largest value 65504
+    is e^11.1, while an overflow to s = inf would make the loss −s·A infinite, and 0·inf = NaN for a sequence with
+    A = 0. The bound costs nothing: GSPO's band is 1 ± 4e-4, so a sequence anywhere near e^10 is far outside it.
+    Beyond the clamp s is constant (its gradient 0).
+    """
+    mask = mask.to(logprobs.dtype)  # (B, T)
+    # log s_i = (1/|y_i|) Σ_t m_t (log π_θ(y_t) − log π_θold(y_t))
+    log_s = ((logprobs - old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+    # s_i = exp(min(log s_i, 10))
+    return torch.exp(torch.clamp(log_s, max=10.0))  # (B,)
+
+
+def gspo_surrogate_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    eps: float = 3e-4, eps_high: float | None = 4e-4,
+) -> torch.Tensor:
+    """GSPO's per-token loss −min(s_{i,t}A_i, clip(s_{i,t}, 1−ε, 1+ε_high)A_i), unreduced (B, T), 0 on padding.
+
+    Zheng et al. 2025, "Group Sequence Policy Optimization", in the token form of its GSPO-token variant: s_{i,t} =
+    sg[s_i]·π_θ(y_t)/sg[π_θ(y_t)] is s_i at every token of sequence i, with gradient s_i·∇log π_θ(y_t). One advantage
+    per sequence: advantages (B,) or (B, 1). Aggregated with grpo.aggregate_loss's "seq-mean-token-mean" it is GSPO's
+    objective (Equation 5): −(1/B) Σ_i (1/|y_i|) Σ_t min(s_i A_i, clip(s_i)A_i) = −(1/B) Σ_i min(s_i A_i, clip(s_i)A_i)
+    in value, and inside the band its gradient is −(1/B) Σ_i s_i A_i (1/|y_i|) Σ_t ∇log π_θ(y_t), GSPO's; the clip
+    takes all tokens of a sequence or none. Another aggregation weighs the sequences otherwise and is not GSPO.
+    Defaults are the paper's clip ranges, ε = 3e-4 and ε_high = 4e-4; eps_high=None means ε, as in
+    clipped_surrogate_loss. verl's
+    compute_policy_loss_gspo builds the same s_{i,t} but clamps log s_{i,t} at 10, so there a token's gradient is 0
+    beyond e^10; here s_i is capped at e^10 (sequence_ratio) and the gradient stays e^10·∇log π_θ.
+    """
+    eps_high = eps if eps_high is None else eps_high
+    if not eps_high >= eps > 0:
+        raise ValueError(f"clip range needs eps_high >= eps > 0 (GSPO's: 3e-4, 4e-4); got {eps}, {eps_high}")
+    adv = advantages.reshape(advantages.shape[0], -1)  # (B, 1)
+    if adv.shape[1] != 1:
+        raise ValueError(f"GSPO takes one advantage per sequence, (B,) or (B, 1); got {tuple(advantages.shape)}")
+    s = sequence_ratio(logprobs, old_logprobs, mask).detach()  # (B,) sg[s_i]
+    # s_{i,t} = sg[s_i] · π_θ(y_t) / sg[π_θ(y_t)] = sg[s_i] · exp(log π_θ − sg[log π_θ])
+    ratio = s[:, None] * torch.exp(logprobs - logprobs.detach())  # (B, T)
+    # −s_{i,t} A_i  and  −clip(s_{i,t}, 1−ε, 1+ε_high) A_i
+    unclipped = -ratio * adv  # (B, T)
+    clipped = -torch.clamp(ratio, 1.0 - eps, 1.0 + eps_high) * adv  # (B, T)
+    # L^GSPO_t = max(−s_{i,t}A_i, −clip(s_{i,t})A_i), 0 on padding
+    return torch.maximum(unclipped, clipped) * mask.to(logprobs.dtype)  # (B, T)
+
+
+def sampler_correction(
+    old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, cap: float = 2.0,
+    sequence_mask: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Truncated importance weights for the sampler–trainer mismatch, w_t = min(π_θold(y_t)/p_sampler(y_t), C).
+
+    The sampler (vLLM, or generate() with other kernels) and the trainer's forward pass differ in kernels and
+    precision, so the tokens are drawn from p_sampler, not π_θold. Yao et al. 2025, "Your Efficient RL Framework
+    Secretly Brings You Off-Policy RL Training" (truncated importance sampling, TIS); the truncation min(ρ, C) is
+    Ionides 2008, "Truncated Importance Sampling". The trainer multiplies the per-token clipped surrogate by the
+    weights before aggregating; the KL term is not weighted (as in TRL). Returns
+      "weights"    (B, T) w_t, detached; 0 on padding and on masked sequences
+      "truncated"  (B, T) bool: valid tokens whose ratio exceeded C
+      "masked"     (B,) bool: with sequence_mask, sequences whose ratio Π_t π_θold/p_sampler leaves [1/C, C]
+                   (tested as |Σ_t m_t log ρ_t| > log C, so no long sequence overflows); all False otherwise
+    TRL (GRPOConfig.vllm_importance_sampling_correction): sequence_mask=False is vllm_importance_sampling_mode=
+    "token_truncate" with vllm_importance_sampling_cap = C; TRL defaults to "sequence_mask" and C = 3, which zeroes
+    only sequences above C and weights the others by their sequence ratio. verl (rollout_corr_helper):
+    rollout_is="token" with rollout_is_threshold = C (2.0 in compute_rollout_correction_weights); sequence_mask adds
+    rollout_rs="seq_sum_k1" with threshold C, whose lower bound defaults to 1/C.
+    """
+    if not cap > 1:
+        raise ValueError(f"sampler_correction: the cap C must be > 1, got {cap}")
+    valid = mask.bool()  # (B, T)
+    # log ρ_t = log π_θold(y_t) − log p_sampler(y_t), 0 on padding
+    logratio = torch.where(valid, old_logprobs - sampler_logprobs, torch.zeros_like(old_logprobs)).detach()  # (B, T)
+    ratio = torch.exp(logratio)  # (B, T)
+    # w_t = min(ρ_t, C), 0 on padding
+    weights = torch.clamp(ratio, max=cap) * valid  # (B, T)
+    masked = torch.zeros(valid.shape[0], dtype=torch.bool, device=valid.device)  # (B,)
+    if sequence_mask:
+        # masked_i ⇔ Π_t ρ_t ∉ [1/C, C] ⇔ |Σ_t m_t log ρ_t| > log C
+        masked = logratio.sum(-1).abs() > math.log(cap)  # (B,)
+        weights = weights * ~masked[:, None]  # (B, T)
+    return {"weights": weights, "truncated": (ratio > cap) & valid, "masked": masked}
 
 
 def value_loss(

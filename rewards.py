@@ -1,4 +1,5 @@
-"""Rewards: verifiable math and format rewards, and the Bradley–Terry reward model (its loss and how it scores).
+"""Rewards: verifiable math and format rewards, DAPO's overlong penalty, and the Bradley–Terry reward model (its loss
+and how it scores).
 
 Implements document 004 ("PPO & GRPO for LLM Alignment"), sections "4. The Reward Model" (a scalar head on an LM,
 trained on (chosen, rejected) pairs with the Bradley–Terry model, frozen during RL) and "Rule-based rewards vs learned
@@ -13,6 +14,7 @@ Equations
   R_acc(y, y*)  = 1[ parse(extract(y)) ≈ parse(extract(y*)) ]          numeric equality within a tolerance
   R_fmt(y)      = 1[ y = <think>…</think> <answer>…</answer> ]          whitespace allowed around the blocks
   R(y, y*)      = Σ_k w_k R_k(y, y*)                                    spec "math=1.0,format=0.2"
+  R_length(y)   = clamp(((L_max − L_cache) − |y|)/L_cache, −1, 0)    DAPO's soft overlong punishment (Yu et al. 2025)
   P(y_c ≻ y_r | x) = σ(r_φ(x, y_c) − r_φ(x, y_r)),   σ(z) = 1 / (1 + e^{−z})
   L_RM(φ)       = −E_{(x, y_c, y_r)} [ log σ(r_φ(x, y_c) − r_φ(x, y_r) − m) ]       m: optional margin (0 by default)
 
@@ -27,6 +29,7 @@ Symbol → variable → shape (B = pairs or sequences in the batch, L = padded t
   L_RM               loss                             ()
   token ids, mask    input_ids, attention_mask        (B, L)
   r_φ(x, y)          scores                           (B,)
+  |y|, L_max, L_cache  lengths, max_len, buffer       (B,), int, int   (completion tokens)
 """
 
 import math
@@ -213,6 +216,31 @@ def rule_based_rewards(completions: Sequence[str], answers: Sequence[str], spec:
     return torch.tensor(rewards, dtype=torch.float32)  # (B,)
 
 
+# ── Length shaping (DAPO, Yu et al. 2025, section 3.4) ────────────────────────────────────────────────────────
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment R_length, a reward term added to each completion's reward; (B,) → (B,).
+
+    Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", section 3.4 (Overlong Reward
+    Shaping), its equation for R_length, with |y| = lengths, L_max = max_len and L_cache = buffer:
+      R_length(y) = 0                                  |y| ≤ L_max − L_cache
+                  = ((L_max − L_cache) − |y|) / L_cache  L_max − L_cache < |y| ≤ L_max
+                  = −1                                 L_max < |y|
+    The middle piece falls linearly from 0 at |y| = L_max − L_cache to −1 at |y| = L_max, so the three pieces are
+    that line clamped to [−1, 0]. A completion cut off at the generation limit gets −1 when max_len is that limit.
+    lengths: completion token counts, integer or float; the result is float32, or lengths' dtype if floating.
+    """
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"overlong_penalty needs 0 < buffer <= max_len, got buffer={buffer}, max_len={max_len}")
+    n = lengths.double()  # (B,) |y|
+    # ((L_max − L_cache) − |y|) / L_cache
+    ramp = ((max_len - buffer) - n) / buffer  # (B,)
+    # R_length = min(max(ramp, −1), 0): 0 before the buffer, the ramp inside it, −1 past L_max
+    penalty = ramp.clamp(min=-1.0, max=0.0)  # (B,)
+    return penalty.to(lengths.dtype if lengths.is_floating_point() else torch.float32)  # (B,)
+
+
 # ── Learned reward model (004 "4. The Reward Model") ───────────────────────────────────────────────────────
 
 
@@ -249,9 +277,3 @@ def pad_batch(sequences: Sequence[Sequence[int]], *, pad_id: int, padding_side: 
         input_ids[row, cols] = torch.tensor(ids, dtype=torch.long)  # (len(ids),)
         attention_mask[row, cols] = 1  # (len(ids),)
     return input_ids, attention_mask
-
-
-
-
-
-

@@ -7,7 +7,7 @@ neutral: a GenerationConfig with every such field at its neutral value and only 
 generate() builds no other logits processor, and a record of the probability each drawn token had inside generate(),
 logged as `rollout_logprob_diff` against the trainer's own log-probs.
 
-Under FSDP2 the policy's parameters are gathered once per rollout (`unsharded`), not once per decoded token.
+Under FSDP2 the policy's parameters are gathered once per rollout (`models.unsharded`), not once per decoded token.
 Shapes: B sequences, P prompt tokens (left-padded), T completion tokens, S = P + T.
 """
 
@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 import distributed
+import models
 import rewards as rewards_lib
 import scoring
 from distributed import UserError
@@ -68,7 +69,7 @@ def generate(policy, tok, prompt_ids: list, sampler: Sampler, greedy: bool = Fal
     ids, mask = (x.repeat_interleave(repeat, 0).to(device) for x in (ids, mask))  # (B, P)
     drawn = []  # log p_sampler of each sampled token, one (B,) tensor per decoding step
     config = sampler.greedy_config if greedy else sampler.sample_config
-    with unsharded(policy), recording_sampler(drawn):
+    with models.unsharded(policy), recording_sampler(drawn):
         out = policy.generate(input_ids=ids, attention_mask=mask, synced_gpus=False, generation_config=config)
     P, n_new = ids.shape[1], out.shape[1] - ids.shape[1]
     T = int(distributed.all_reduce(torch.tensor([n_new]), op=torch.distributed.ReduceOp.MAX))  # the collective
@@ -111,29 +112,6 @@ def greedy_eval(policy, tok, rows: list, sampler: Sampler, reward_fns: list) -> 
     metrics = {"eval_accuracy": correct / n, "eval_n": int(n)}
     metrics |= {"eval_reward_mean": reward_sum / n} if reward_fns else {}
     return metrics, [s for part in distributed.all_gather_objects(samples) for s in part]
-
-
-@contextlib.contextmanager
-def unsharded(model: torch.nn.Module):
-    """Gather the policy's parameters once for a whole rollout, instead of once per generated token: without this,
-    every decoding step's forward would all-gather every block and reshard it afterwards."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(model, FSDPModule):  # a plain module (one fp32 process): nothing to gather
-        yield model
-        return
-    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
-    for m in blocks:
-        m.set_reshard_after_forward(False, recurse=False)
-    for m in [model] + blocks:
-        m.unshard()
-    try:
-        yield model
-    finally:
-        for m in [model] + blocks:
-            m.reshard()
-        for m in blocks:
-            m.set_reshard_after_forward(True, recurse=False)
 
 
 def eos_token_ids(tok, model_config, generation_config) -> list[int]:

@@ -1,6 +1,7 @@
 """scoring.py — how completions are scored in a run: the verifiable rewards named by --reward (built-in names of
 rewards.py, or module:function), applied and checked one call at a time; and a reward model's score r_φ(x, y), read at
-the last real token of prompt + response whatever the padding side.
+the last real token of prompt + response whatever the padding side; and `score`, the RL step's reward R_i of a
+rollout (the gold reward logged beside a learned one).
 
 rewards.py holds the reward functions and the Bradley–Terry loss as math; this file is the machinery around them
 (imports by name, a forward hook on a transformers model).
@@ -14,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+import distributed
+import models
 import rewards as rewards_lib
 from distributed import UserError
 
@@ -134,3 +137,31 @@ def score_with_reward_model(model, tokenizer, prompts: Sequence[str], completion
                                                           padding_side="left")  # (b, L)
         scores.append(last_token_scores(model, input_ids.to(device), attention_mask.to(device)).float().cpu())  # (b,)
     return torch.cat(scores)  # (B,)
+
+
+def score(run, batch, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Collective: a train.Rollout's sequence rewards R_i = Σ_k w_k·reward_k(completion_i, answer_i) +
+    w·r_φ(prompt_i + completion_i), r_φ standardised by the reward model's stored mean and std when
+    --reward-model-normalize; and, when a reward model is in R and the answers are numbers, the gold reward: the
+    'math' checker's verdict, logged, never trained on.
+
+    A reward that raises or is not finite, on any rank, stops every rank before anything reaches the optimizer; the
+    first such rank names the reward and the sample (numbered across ranks, as in the global batch)."""
+    first = run.rank * len(batch)
+    total, problem = apply_rewards(run.reward_fns, batch.texts, batch.answers,
+                                   lambda i: f"sample {first + i} of step {step}")  # (B,)
+    distributed.stop_if_any_rank(problem)
+    if run.reward_model is None:
+        return total.to(run.device), None
+    with models.unsharded(run.reward_model):  # its parameters gathered once for the batch, not once per chunk
+        rm = score_with_reward_model(run.reward_model, run.rm_tok, batch.prompts, batch.texts,
+                                     batch_size=run.args.micro_batch_size)  # (B,)
+    bad = (~torch.isfinite(rm)).nonzero()
+    distributed.stop_if_any_rank(UserError(f"the reward model returned {rm[int(bad[0])].item()} on sample "
+                                           f"{first + int(bad[0])} of step {step}") if len(bad) else None)
+    if run.rm_norm is not None:  # r ← (r − mean)/std with the held-out statistics stored in the checkpoint
+        rm = (rm - run.rm_norm[0]) / run.rm_norm[1]  # (B,)
+    total += run.args.reward_model_weight * rm
+    gold = torch.tensor([rewards_lib.math_reward(t, a) for t, a in zip(batch.texts, batch.answers)]) \
+        if run.verifiable else None  # (B,)
+    return total.to(run.device), gold

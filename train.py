@@ -43,7 +43,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import transformers
 
@@ -67,6 +66,7 @@ import scoring
 import sft
 from distributed import UserError, all_gather_cat, global_sum, say, seed_for
 from options import Args
+from scoring import score  # R_i of a rollout, and the gold reward beside a learned one
 
 
 @dataclass
@@ -90,6 +90,7 @@ class Rollout:
     old_values: torch.Tensor | None = None  # (B, T) V_ψold(s_t)
     advantages: torch.Tensor | None = None  # (B,) GRPO's A_i or (B, T) PPO's whitened GAE A_t
     returns: torch.Tensor | None = None  # (B, T) PPO's value targets R_t = A_t + V_ψold(s_t)
+    sampler_weights: torch.Tensor | None = None  # (B, T) min(π_θold/p_sampler, C): --sampler-correction-cap
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -107,6 +108,27 @@ class Rollout:
 
     def split(self, size: int) -> list["Rollout"]:
         return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
+
+    def to(self, device) -> "Rollout":
+        return Rollout(**{f.name: (lambda v: v.to(device) if torch.is_tensor(v) else v)(getattr(self, f.name))
+                          for f in dataclasses.fields(self)})
+
+    @staticmethod
+    def concat(parts: list["Rollout"], pad_id: int) -> "Rollout":
+        """The rows of `parts` (sampled apart) as one Rollout: prompts left-padded to the longest prompt, completions
+        right-padded to the longest completion (pad id in input_ids, 0 elsewhere), lists joined, None kept None."""
+        P, T = max(p.n_prompt for p in parts), max(p.completion_mask.shape[1] for p in parts)
+
+        def join(name: str, values: list):
+            if name == "n_prompt" or values[0] is None or isinstance(values[0], list):
+                return P if name == "n_prompt" else None if values[0] is None else sum(values, [])
+            left = name in ("input_ids", "attention_mask")  # (B, S) = prompt | completion; the others (B, T) or (B,)
+            return torch.cat(values) if values[0].dim() == 1 else torch.cat([torch.nn.functional.pad(
+                v, (P - p.n_prompt if left else 0, T - p.completion_mask.shape[1]),
+                value=pad_id if name == "input_ids" else 0) for p, v in zip(parts, values)])
+
+        return Rollout(**{f.name: join(f.name, [getattr(p, f.name) for p in parts])
+                          for f in dataclasses.fields(Rollout)})
 
 
 @dataclass
@@ -133,6 +155,7 @@ class Run:
     sampler: sampling.Sampler | None = None  # how completions are drawn (sampling.make_sampler)
     hf_generation_config: object = None  # the checkpoint's own generation config, restored in the export
     beta: float = 0.0  # β now: --beta at step 1, moved each step by --adaptive-kl-target
+    draws: int = 0  # batches of --prompts-per-step rows read so far: one a step (more with --dynamic-sampling)
     memory_plan: dict | None = None  # memory.json but the measured bytes, until the first optimizer step writes it
 
     def trained(self) -> dict:
@@ -148,11 +171,18 @@ def rl_step(run: Run, step: int) -> dict:
     args, timer = run.args, metrics.StepTimer(run.device)
     torch.manual_seed(seed_for(args.seed, step, run.rank))  # sampling noise: a pure function of (seed, step, rank)
     # 1. sample G completions per prompt under π_θold
-    batch = sample(run, prompts_for_step(run, step), repeat=args.group_size)
+    run.draws += 1
+    batch = sample(run, prompts_for_step(run, run.draws), repeat=args.group_size)
     timer.lap("generate")
     # 2. score them: R_i = Σ_k w_k·reward_k(completion_i, answer_i) + w·r_φ(prompt_i + completion_i)
     batch.scores, batch.gold_scores = score(run, batch, step)  # (B,), (B,) or None
     timer.lap("score")
+    # DAPO's dynamic sampling: only groups whose rewards differ, more prompts sampled until P of them are in hand
+    batch, drawn = fill_with_signal(run, batch, step) if args.dynamic_sampling else (batch, {})
+    timer.lap("generate")
+    if args.overlong_buffer:  # DAPO's overlong shaping of R by the completion's length, after the filter (unshaped R)
+        batch.scores = batch.scores + rewards_lib.overlong_penalty(batch.completion_mask.sum(1), args.max_new_tokens,
+                                                                   args.overlong_buffer).to(batch.scores)  # (B,)
     # 3. log π_θold, log π_ref and V_ψold(s_t) of every sampled token, without gradient
     with torch.no_grad():
         batch.old_logprobs = token_logprobs(run, run.policy, batch)  # (B, T)
@@ -160,6 +190,8 @@ def rl_step(run: Run, step: int) -> dict:
         batch.old_values = token_values(run, batch) if run.critic is not None else None  # (B, T)
     # 4. advantages: group-relative (GRPO) or GAE on KL-shaped rewards (PPO)
     batch.advantages, batch.returns = compute_advantages(run, batch)
+    # and, with --sampler-correction-cap, each token's weight min(π_θold/p_sampler, C) (ppo.sampler_correction)
+    batch.sampler_weights, correction = sampler_correction(run, batch) if args.sampler_correction_cap else (None, {})
     timer.lap("forward")
     # 5. epochs × minibatches of clipped-surrogate steps; --early-stop-kl ends them at a minibatch that moved too far
     stats, stopped = [], False
@@ -173,9 +205,9 @@ def rl_step(run: Run, step: int) -> dict:
         stats.append(terms | optim.optimizer_step(run, args.max_grad_norm))
     timer.lap("update")
     # 6. the logged row: rollout statistics, the update's means, where the time went
-    rollout, tokens = rollout_metrics(run, batch)  # tokens: the completion tokens of every rank
-    row = rollout | summarize(stats, stopped) | timer.times | {"step_time_s": timer.total(),
-                                                               "tokens_per_s": tokens / timer.total()}
+    rollout, tokens = metrics.rollout_metrics(run, batch)  # tokens: the completion tokens of every rank
+    row = rollout | drawn | correction | metrics.summarize(stats, stopped) | timer.times | {
+        "step_time_s": timer.total(), "tokens_per_s": tokens / timer.total()}
     # 7. β for the next step: Ziegler et al. 2019's controller moves it toward --adaptive-kl-target (ppo.py)
     if args.adaptive_kl_target and row["kl"] is not None:
         run.beta = ppo.adaptive_kl_beta(run.beta, row["kl"], args.adaptive_kl_target, args.kl_horizon,
@@ -183,11 +215,37 @@ def rl_step(run: Run, step: int) -> dict:
     return row | metrics.peak_memory_gib(run.device)
 
 
-def prompts_for_step(run: Run, step: int) -> list:
-    """This rank's share of the step's --prompts-per-step rows: a slice of the epochs (data.rows_for_step)."""
+def prompts_for_step(run: Run, draw: int) -> list:
+    """This rank's share of the draw-th batch of --prompts-per-step rows: a slice of the epochs (data.rows_for_step).
+    Step s reads batch s, unless --dynamic-sampling read more than one batch in an earlier step (Run.draws)."""
     args = run.args
-    _, mine = data.rows_for_step(len(run.train_rows), args.prompts_per_step, args.seed, step, run.rank, run.world)
+    _, mine = data.rows_for_step(len(run.train_rows), args.prompts_per_step, args.seed, draw, run.rank, run.world)
     return [run.train_rows[i] for i in mine]
+
+
+def fill_with_signal(run: Run, batch: Rollout, step: int) -> tuple[Rollout, dict]:
+    """Collective: DAPO's dynamic sampling (Yu et al. 2025, section 3.2). Groups whose rewards are all equal (A ≡ 0)
+    are dropped and the next --prompts-per-step prompts sampled until P = --prompts-per-step groups with a spread are
+    in hand, or --max-sample-batches batches were read (then equal-reward groups fill the step). Every rank's groups
+    are gathered in the data's order, the first P with a spread chosen, and rank r takes the r-th 1/W of them: the
+    same rows on any number of ranks. Logs the batches read and the equal-reward fraction of all groups drawn."""
+    args, G, P = run.args, run.args.group_size, run.args.prompts_per_step
+    pool, drawn = [], 1
+    while True:
+        parts = distributed.all_gather_objects(batch.to("cpu"))  # every rank's rows, rank 0's first
+        pool += [group for part in parts for group in part.split(G)]
+        scores = torch.stack([g.scores for g in pool])  # (N, G)
+        valid = torch.stack([g.loss_mask.sum(1) > 0 for g in pool])  # (N, G)
+        flat = grpo.degenerate_groups(scores, valid)  # (N,) True: equal rewards, A ≡ 0
+        if int((~flat).sum()) >= P or drawn == args.max_sample_batches:
+            break
+        drawn, run.draws = drawn + 1, run.draws + 1
+        batch = sample(run, prompts_for_step(run, run.draws), repeat=G)
+        batch.scores, batch.gold_scores = score(run, batch, step)
+    chosen = torch.cat([(~flat).nonzero(), flat.nonzero()]).flatten()[:P]  # (P,) those with a spread first, in order
+    mine = chosen[run.rank * P // run.world : (run.rank + 1) * P // run.world].tolist()
+    batch = Rollout.concat([pool[i] for i in mine], run.tok.pad_token_id).to(run.device)
+    return batch, {"sample_batches": drawn, "frac_reward_zero_std_drawn": flat.float().mean().item()}
 
 
 def sample(run: Run, rows: list, repeat: int) -> Rollout:
@@ -201,33 +259,6 @@ def sample(run: Run, rows: list, repeat: int) -> Rollout:
                    prompts=[r.text for r in rows for _ in range(repeat)],
                    answers=[r.answer for r in rows for _ in range(repeat)], texts=done.texts,
                    truncated=done.truncated, sampler_logprobs=done.sampler_logprobs)
-
-
-def score(run: Run, batch: Rollout, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Collective: sequence rewards R_i = Σ_k w_k·reward_k(completion_i, answer_i) + w·r_φ(prompt_i + completion_i),
-    r_φ standardised by the reward model's stored mean and std when --reward-model-normalize; and, when a reward model
-    is in R and the answers are numbers, the gold reward: the 'math' checker's verdict, logged, never trained on.
-
-    A reward that raises or is not finite, on any rank, stops every rank before anything reaches the optimizer; the
-    first such rank names the reward and the sample (numbered across ranks, as in the global batch)."""
-    first = run.rank * len(batch)
-    total, problem = scoring.apply_rewards(run.reward_fns, batch.texts, batch.answers,
-                                            lambda i: f"sample {first + i} of step {step}")  # (B,)
-    distributed.stop_if_any_rank(problem)
-    if run.reward_model is None:
-        return total.to(run.device), None
-    with sampling.unsharded(run.reward_model):  # its parameters gathered once for the batch, not once per chunk
-        rm = scoring.score_with_reward_model(run.reward_model, run.rm_tok, batch.prompts, batch.texts,
-                                                 batch_size=run.args.micro_batch_size)  # (B,)
-    bad = (~torch.isfinite(rm)).nonzero()
-    distributed.stop_if_any_rank(UserError(f"the reward model returned {rm[int(bad[0])].item()} on sample "
-                                        f"{first + int(bad[0])} of step {step}") if len(bad) else None)
-    if run.rm_norm is not None:  # r ← (r − mean)/std with the held-out statistics stored in the checkpoint
-        rm = (rm - run.rm_norm[0]) / run.rm_norm[1]  # (B,)
-    total += run.args.reward_model_weight * rm
-    gold = torch.tensor([rewards_lib.math_reward(t, a) for t, a in zip(batch.texts, batch.answers)]) \
-        if run.verifiable else None  # (B,)
-    return total.to(run.device), gold
 
 
 def token_logprobs(run: Run, model, batch: Rollout) -> torch.Tensor:
@@ -258,8 +289,13 @@ def compute_advantages(run: Run, batch: Rollout):
     Returns (advantages (B,) or (B, T), returns (B, T) or None)."""
     args = run.args
     if args.algo == "grpo":
-        valid = (batch.loss_mask.sum(1) > 0).view(-1, args.group_size)  # (B/G, G)
-        adv = grpo.group_advantages(batch.scores.view(-1, args.group_size), scale=args.scale_rewards, valid=valid)
+        scores, valid = batch.scores.view(-1, args.group_size), (batch.loss_mask.sum(1) > 0).view(-1, args.group_size)
+        if args.advantage == "reinforce-pp-baseline":  # whitened over every rank's tokens: 1 rank and N agree
+            full = grpo.reinforce_pp_baseline_advantages(all_gather_cat(scores), all_gather_cat(batch.loss_mask),
+                                                         all_gather_cat(valid))  # (W·B,)
+            return full.view(run.world, -1)[run.rank], None  # (B,)
+        adv = grpo.rloo_advantages(scores, valid) if args.advantage == "rloo" else \
+            grpo.group_advantages(scores, scale=args.scale_rewards, valid=valid)  # (B/G, G)
         return adv.reshape(-1), None  # (B,)
     ref = batch.ref_logprobs if batch.ref_logprobs is not None else batch.old_logprobs  # β = 0: no shaping
     rewards = ppo.kl_shaped_rewards(batch.scores, batch.old_logprobs, ref, batch.loss_mask, run.beta)  # (B, T)
@@ -268,6 +304,18 @@ def compute_advantages(run: Run, batch: Rollout):
         full = gae.whiten(all_gather_cat(adv), all_gather_cat(batch.loss_mask))  # (W·B, T)
         adv = full.view(run.world, *adv.shape)[run.rank]  # (B, T)
     return adv, returns
+
+
+def sampler_correction(run: Run, batch: Rollout) -> tuple[torch.Tensor, dict]:
+    """Collective: the sampler–trainer correction's weights (B, T) (ppo.sampler_correction), and their statistics over
+    every rank's tokens: the mean weight, the fraction truncated at C, the fraction of sequences masked."""
+    args, mask = run.args, batch.loss_mask
+    out = ppo.sampler_correction(batch.old_logprobs, batch.sampler_logprobs, mask, args.sampler_correction_cap,
+                                 args.sampler_correction_mask)
+    n, rows, w, cut, masked = global_sum(mask.sum().item(), len(batch), out["weights"].sum().item(),
+                                         (out["truncated"] * mask).sum().item(), out["masked"].sum().item())
+    return out["weights"], {"sampler_weight_mean": w / max(n, 1), "sampler_frac_truncated": cut / max(n, 1),
+                            "sampler_frac_masked": masked / rows}
 
 
 def minibatch_order(run: Run, n: int, step: int) -> list[torch.Tensor]:
@@ -297,9 +345,13 @@ def minibatch_gradients(run: Run, mini: Rollout) -> dict:
         mask, adv = part.loss_mask, part.advantages.view(len(part), -1)  # (b, T), (b, 1) GRPO or (b, T) PPO
         logprobs, entropy = logprobs_lib.sequence_logprobs(run.policy, part.input_ids, part.attention_mask,
                                                            part.n_prompt, args.temperature)  # (b, T), (b, T)
-        # −J: the clipped surrogate −min(ρA, clip(ρ, 1−ε, 1+ε_high)A), the same for both algorithms
-        pg = ppo.clipped_surrogate_loss(logprobs, part.old_logprobs, adv, args.eps, args.eps_high,
-                                        args.dual_clip or None)  # (b, T)
+        # −J: the clipped surrogate −min(ρA, clip(ρ, 1−ε, 1+ε_high)A), the same for both algorithms; GSPO clips the
+        # sequence's ratio s_i instead (ppo.gspo_surrogate_loss)
+        pg = ppo.gspo_surrogate_loss(logprobs, part.old_logprobs, adv, mask, args.eps, args.eps_high) \
+            if args.policy_loss == "gspo" else ppo.clipped_surrogate_loss(logprobs, part.old_logprobs, adv, args.eps,
+                                                                          args.eps_high, args.dual_clip or None)
+        if part.sampler_weights is not None:  # ℓ_t ← min(π_θold/p_sampler, C)·ℓ_t: the sampler–trainer correction
+            pg = pg * part.sampler_weights  # (b, T)
         terms = {"policy_loss": grpo.aggregate_loss(pg, mask, **agg), "entropy": ppo.masked_mean(entropy, mask, n_tok)}
         loss = terms["policy_loss"] - args.ent_coef * terms["entropy"] if args.ent_coef else terms["policy_loss"]
         if args.algo == "grpo" and run.ref is not None:  # + β·k(π_θ, π_ref): GRPO's KL term
@@ -316,44 +368,13 @@ def minibatch_gradients(run: Run, mini: Rollout) -> dict:
             terms["loss"] = ppo.ppo_loss(terms["policy_loss"], terms["value_loss"], terms["entropy"], args.vf_coef,
                                          args.ent_coef)  # the logged composite
         terms |= ppo.policy_diagnostics(logprobs, part.old_logprobs, adv, mask, (args.eps, args.eps_high), n_tok)
+        if args.policy_loss == "gspo":  # what GSPO's clip stopped: the tokens of sequences whose s_i left the band
+            s = ppo.sequence_ratio(logprobs.detach(), part.old_logprobs, mask)[:, None].expand_as(mask)  # (b, T)
+            terms["clipfrac"] = ppo.clip_fraction(s, adv, mask, args.eps, args.eps_high, n_tok)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
     keys = sorted(sums)
     return dict(zip(keys, (x / run.world for x in global_sum(*(sums[k] for k in keys)))))
-
-
-def summarize(stats: list, stopped: bool) -> dict:
-    """Means over the optimizer steps taken, how many were taken and skipped, and whether --early-stop-kl ended them."""
-    out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0] if k != "skipped_updates"} if stats else {}
-    skipped = sum(s["skipped_updates"] for s in stats)
-    return out | {"minibatches_taken": len(stats), "skipped_updates": skipped, "kl_early_stop": int(bool(stopped))}
-
-
-def rollout_metrics(run: Run, batch: Rollout) -> tuple[dict, int]:
-    """Collective: the logged row's rollout statistics, reduced over all ranks (metric glossary in README.md), and the
-    completion tokens of all ranks. Every rank makes the same collectives whether or not it has a reference or a
-    sampler record (zeros stand in)."""
-    args, mask = run.args, batch.completion_mask
-    scores, valid = all_gather_cat(batch.scores), all_gather_cat((batch.loss_mask.sum(1) > 0).float()).bool()  # (W·B,)
-    lengths = all_gather_cat(mask.sum(1))  # (W·B,)
-    cut = all_gather_cat(batch.truncated.float()) if batch.truncated is not None else torch.zeros(1)  # (W·B,)
-    degenerate = grpo.degenerate_groups(scores.view(-1, args.group_size), valid.view(-1, args.group_size))  # (W·B/G,)
-    row = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-           "frac_reward_zero_std": degenerate.float().mean().item(), "completion_len_mean": lengths.mean().item(),
-           "frac_truncated": cut.mean().item(), "beta": run.beta, "kl": None, "rollout_logprob_diff": None}
-    if batch.gold_scores is not None:
-        row["gold_reward_mean"] = all_gather_cat(batch.gold_scores).mean().item()
-    zeros = torch.zeros_like(mask)  # (B, T)
-    kl = grpo.kl_k3(batch.old_logprobs, batch.ref_logprobs) * mask if batch.ref_logprobs is not None else zeros
-    diff = (batch.sampler_logprobs - batch.old_logprobs).abs() * mask if batch.sampler_logprobs is not None else zeros
-    n, kl_sum, diff_sum = global_sum(mask.sum().item(), kl.sum().item(), diff.sum().item())
-    row |= {"kl": kl_sum / max(n, 1)} if batch.ref_logprobs is not None else {}
-    row |= {"rollout_logprob_diff": diff_sum / max(n, 1)} if batch.sampler_logprobs is not None else {}
-    if args.algo == "ppo":
-        ev = ppo.explained_variance(all_gather_cat(batch.old_values), all_gather_cat(batch.returns),
-                                    all_gather_cat(batch.loss_mask))
-        row["explained_variance"] = ev.item()
-    return row, int(lengths.sum().item())
 
 
 def evaluate(run: Run) -> tuple[dict, list[dict]]:
@@ -392,8 +413,8 @@ def train(run: Run, start: int, log: metrics.MetricsLog, reached: bool = False) 
     bar = tqdm(range(start + 1, args.steps + 1), disable=run.rank != 0, desc=args.algo, dynamic_ncols=True)
     for step in bar:
         lr = optim.set_learning_rates(run.trained(), run.base_lr, step, args.steps, args.lr_schedule)
-        row = step_fn(run, step) | {"lr": lr, "epoch": data.epochs_done(step, args.prompts_per_step,
-                                                                             len(run.train_rows))}
+        row = step_fn(run, step)
+        row |= {"lr": lr, "epoch": data.epochs_done(run.draws or step, args.prompts_per_step, len(run.train_rows))}
         log.write({"step": step} | row)
         for line in metrics.rollout_warnings(row, args) if step == start + 1 else []:
             say(line)
@@ -430,7 +451,7 @@ def save(run: Run, step: int, reached: bool) -> None:
     """Collective: a checkpoint (models, optimizers, β, whether --sft-target was reached) and the export to OUT/hf:
     the policy, or the reward model with its held-out scores' mean and std in its config."""
     checkpoints.save_checkpoint(run.args, step, run.trained(), {"beta": run.beta, "reached_target": reached,
-                                                            "world": run.world})
+                                                            "world": run.world, "draws": run.draws})
     if not run.args.export:
         return
     if run.args.algo == "rm":
@@ -443,7 +464,7 @@ def save(run: Run, step: int, reached: bool) -> None:
 
 
 # ======================================================================================================================
-# Set-up: a stage's Run, each field named where it is made; the warm start; main
+# Set-up: a stage's Run, each field named where it is made; a stage from start to end; main
 # ======================================================================================================================
 def build_run(args: Args, rank: int, world: int, device: torch.device) -> Run:
     """The tokenizer, the data and the models of args.algo (sharded), their optimizers, the sampler."""
@@ -504,21 +525,22 @@ def build_reward_model_run(args: Args, rank: int, world: int, device, tok, sourc
 
 
 def run_stage(args: Args, rank: int, world: int, device: torch.device, warm: bool = False) -> None:
-    """Collective: one stage from start to end in --out: claim --out, run the warm start when `warm`, build the run,
-    resume it if asked, train, plot."""
+    """Collective: one stage from start to end in --out: claim --out, run the warm start first when `warm`, build
+    the run, resume it if asked, train, plot."""
     if args.resume and checkpoints.latest_checkpoint(args.out) is None:
         checkpoints.check_resume(args)  # "--resume: no complete checkpoint", before anything is created
     lock, created = run_dir.claim_out(args.out, rank, check=lambda: checkpoints.check_resume(args))
     try:
         run_dir.check_shared_filesystem(args.out, rank)
-        if warm:
-            warm_start(args, rank, world, device)
+        if warm:  # the sft stage of the embedded task into OUT/sft, reused when complete, resumed when interrupted
+            run_stage(embedded_task.warm_start_args(args, world), rank, world, device)
         run = build_run(args, rank, world, device)
         meta = checkpoints.load_checkpoint(args, run.trained()) if args.resume else {"step": 0, "beta": args.beta}
         for line in checkpoints.resume_changes(args, meta, run.world) if args.resume else []:
             say(line)
         # β: the adaptive controller's state resumes from the checkpoint; a fixed --beta is what this command says
         run.beta = float(meta["beta"]) if args.resume and args.adaptive_kl_target else args.beta
+        run.draws = int(meta.get("draws", meta["step"]))  # prompt batches read: more than steps with --dynamic-sampling
         resumed = meta["step"] if args.resume else None
         log = metrics.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resumed)
         say(metrics.startup_line(run))
@@ -531,26 +553,6 @@ def run_stage(args: Args, rank: int, world: int, device: torch.device, warm: boo
     if rank == 0 and args.plot:
         metrics.plot_curves(args.out)
     run_dir.release_out(args.out, lock, created=False)
-
-
-def warm_start(args: Args, rank: int, world: int, device: torch.device) -> None:
-    """Collective: the sft stage of the embedded task into OUT/sft, for an rl or rm stage without --model: the same
-    code as `train.py --algo sft --out OUT/sft --seed S --steps SFT_STEPS --sft-target T`. A complete OUT/sft made
-    with these settings is reused, an interrupted one resumed; one made with other settings is refused."""
-    sft_args = options.resolve_defaults(Args(algo="sft", out=os.path.join(args.out, "sft"), seed=args.seed,
-                                             steps=args.sft_steps, sft_target=args.sft_target, dtype=args.dtype,
-                                             plot=args.plot), world)
-    sft_args.model = os.path.join(sft_args.out, embedded_task.MODEL_DIR)
-    saved = checkpoints.latest_checkpoint(sft_args.out)
-    if saved is not None:
-        diff = checkpoints.experiment_changes(checkpoints.read_meta(saved)["args"], sft_args)
-        if diff:
-            raise UserError(f"{sft_args.out} holds a warm start made with other settings ({'; '.join(diff)}): "
-                            f"choose another --out, or remove {sft_args.out}")
-    sft_args.resume = saved is not None
-    say(f"warm start: the sft stage, as `train.py --algo sft --out {sft_args.out} --seed {args.seed} --steps "
-        f"{args.sft_steps} --sft-target {sft_args.sft_target}`" + (" (resumed)" if saved else ""))
-    run_stage(sft_args, rank, world, device)
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node W tests/_dist_worker.py update   MODEL_DIR OUT_DIR   (reads OUT_DIR/batch.pt)
     torchrun --nproc_per_node 2 tests/_dist_worker.py update,generate,collectives MODEL_DIR OUT_DIR
 
-update:      for each case of CASES, load + shard the policy (and critic), then one train.rl_step whose rollout is
+update:      for each case of CASES (and VARIANTS, DYNAMIC), load the policy (and critic) as the trainer does on this
+             many ranks (FSDP2 on 2, the plain module of `python train.py` on 1), then one train.rl_step whose rollout is
              this rank's contiguous slice of the fixed batch: train.sample, train.score, train.token_logprobs and
              train.token_values are replaced (in this process only) by functions returning the fixed rows, scores,
              old/reference log-probs and old values; the rest of the step (advantages, the epochs × minibatches loop,
@@ -14,6 +15,7 @@ collectives: one PPO and one GRPO train.rl_step with every torch.distributed col
              the process group's device; saves every call (function, device of each tensor, caller).
 """
 
+import dataclasses
 import os
 import sys
 import traceback
@@ -49,6 +51,23 @@ CASES = [
     # PPO with 2 epochs × 2 minibatches, value clipping and an entropy bonus (checked against tests' ppo_reference_update)
     ("ppo-2x2", "ppo", "token-mean", 1e9, 2, 4, 0),
 ]
+# The 2024-25 variants on the fixed batch, each beside "grpo-seq-mean-token-mean" (CASES[0]): (name, Args overrides,
+# log π_θold: "batch" (the batch's, ratios away from 1) or "model" (the model's own: ρ ≡ 1), p_sampler: None (no record),
+# "old" (= log π_θold) or "noisy" (log π_θold + the batch's sampler_noise))
+VARIANTS = [
+    ("rloo", {"advantage": "rloo"}, "batch", None),
+    ("reinforce-pp-baseline", {"advantage": "reinforce-pp-baseline"}, "batch", None),
+    ("gspo", {"policy_loss": "gspo"}, "batch", None),  # ε = 0.2 (case_args): ratios inside and outside the band
+    ("gspo-at-old", {"policy_loss": "gspo", "eps": 3e-4, "eps_high": 4e-4}, "model", None),
+    ("token-at-old", {}, "model", None),
+    ("correction-equal", {"sampler_correction_cap": 2.0}, "batch", "old"),
+    ("correction", {"sampler_correction_cap": 1.5, "sampler_correction_mask": True}, "batch", "noisy"),
+]
+# --dynamic-sampling: the scores each draw of the batch's 4 groups gets (G = 2); the rows are the batch's every time
+DRAW_SCORES = {1: [1.0, 1.0, 0.2, 0.9, 1.0, 1.0, 0.0, 0.0],  # one group with a spread (group 1)
+               2: [1.0, 0.0, 0.5, 0.5, 0.2, 0.9, 0.5, 0.0]}  # three (groups 0, 2, 3)
+DYNAMIC = [("dynamic", {"dynamic_sampling": True, "max_sample_batches": 4}),  # draws 1 and 2 fill the step
+           ("dynamic-topped-up", {"dynamic_sampling": True, "max_sample_batches": 1})]  # draw 1 alone, topped up
 LR = 0.5  # plain SGD: the parameter change is lr × gradient, so a wrong gradient scale cannot hide (Adam's would)
 CRITIC_LR = 0.02  # the critic's loss is ~1 (returns vs V ≈ 0): at 0.5 it would diverge and amplify fp32 rounding
 
@@ -64,6 +83,16 @@ def case_args(case: tuple, batch: dict) -> train.Args:
                       lr_schedule="constant")
 
 
+def as_trained(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as the trainer trains it in fp32 on this many ranks (models.load_model): FSDP2 on 2 ranks, the plain
+    module in one process (what `python train.py` runs)."""
+    return models.shard(model, False) if dist.get_world_size() > 1 else model
+
+
+def full_parameters(model: torch.nn.Module) -> dict:
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+
+
 def make_run(args, policy, critic, optimizers: dict, device=torch.device("cpu"), **fields) -> train.Run:
     """A train.Run around models built here; tokenizer, data and sampler only where a job needs them."""
     base = dict(tok=None, train_rows=[None] * 64, eval_rows=[], base_lr={n: 0.0 for n in optimizers})
@@ -76,14 +105,20 @@ def load(role: str, model_dir: str, device=torch.device("cpu"), **kw):
     return models.load_model(models.ModelSpec(role, model_dir, "--model", **kw), device, mixed)[0]
 
 
-def fixed_step(run, batch: dict, lo: int, hi: int) -> dict:
-    """train.rl_step on rows lo:hi of the fixed batch (helpers.step_on); the logged row without timings."""
+def fixed_rollout(batch: dict, lo: int, hi: int, sampler_logprobs=None) -> train.Rollout:
     n = hi - lo
-    rollout = train.Rollout(input_ids=batch["input_ids"][lo:hi], attention_mask=batch["attention_mask"][lo:hi],
-                            completion_mask=batch["mask"][lo:hi].clone(), loss_mask=batch["mask"][lo:hi].clone(),
-                            n_prompt=batch["n_prompt"], prompts=[""] * n, answers=[""] * n, texts=[""] * n)
-    row = step_on(run, rollout, batch["scores"][lo:hi], logprobs=(batch["old_logprobs"][lo:hi],
-                                                                   batch["ref_logprobs"][lo:hi]),
+    return train.Rollout(input_ids=batch["input_ids"][lo:hi], attention_mask=batch["attention_mask"][lo:hi],
+                         completion_mask=batch["mask"][lo:hi].clone(), loss_mask=batch["mask"][lo:hi].clone(),
+                         n_prompt=batch["n_prompt"], prompts=[""] * n, answers=[""] * n, texts=[""] * n,
+                         truncated=batch["mask"][lo:hi].all(1), sampler_logprobs=sampler_logprobs)
+
+
+def fixed_step(run, batch: dict, lo: int, hi: int, old=None, sampler=None) -> dict:
+    """train.rl_step on rows lo:hi of the fixed batch (helpers.step_on); the logged row without timings. old: log π_θold
+    of every row (default: the batch's); sampler: p_sampler's log-probs of every row (default: none recorded)."""
+    old = batch["old_logprobs"] if old is None else old
+    rollout = fixed_rollout(batch, lo, hi, None if sampler is None else sampler[lo:hi])
+    row = step_on(run, rollout, batch["scores"][lo:hi], logprobs=(old[lo:hi], batch["ref_logprobs"][lo:hi]),
                   values=batch["old_values"][lo:hi] if run.critic is not None else None)
     timing = [k for k in row if k.startswith("time_") or k in ("step_time_s", "tokens_per_s", "host_peak_rss_gib")]
     return {k: v for k, v in row.items() if k not in timing}
@@ -98,14 +133,14 @@ def run_update(model_dir: str, out_dir: str) -> None:
     for case in CASES:
         name, algo = case[0], case[1]
         args = case_args(case, batch)
-        policy = models.shard(models.load_full_model(models.ModelSpec("policy", model_dir, "--model")), False)
+        policy = as_trained(models.load_full_model(models.ModelSpec("policy", model_dir, "--model")))
         critic = None
         opts = {"policy": torch.optim.SGD(policy.parameters(), lr=LR)}
         if algo == "ppo":
             critic = models.load_full_model(models.ModelSpec("critic", model_dir, "--model"))
             with torch.no_grad():  # a non-zero head, so the critic's body gets gradients on the first step
                 critic.score.weight.copy_(batch["critic_head"])
-            critic = models.shard(critic, False)
+            critic = as_trained(critic)
             opts["critic"] = torch.optim.SGD(critic.parameters(), lr=CRITIC_LR)
         run = make_run(args, policy, critic, opts, ref=object())  # a stand-in reference: its log-probs are fixed
         row = fixed_step(run, batch, lo, hi)
@@ -114,11 +149,53 @@ def run_update(model_dir: str, out_dir: str) -> None:
             "row": row,  # the logged row (timings aside)
             "advantages": distributed.all_gather_cat(advantages),
             "returns": distributed.all_gather_cat(returns) if returns is not None else None,
-            "policy": {n: p.full_tensor().detach().clone() for n, p in policy.named_parameters()},
-            "critic": {n: p.full_tensor().detach().clone() for n, p in critic.named_parameters()} if critic else None,
+            "policy": full_parameters(policy), "critic": full_parameters(critic) if critic else None,
         }
+    for name, overrides, old, sampler in VARIANTS:
+        args = dataclasses.replace(case_args(CASES[0], batch), **overrides)
+        old = batch["old_logprobs"] if old == "batch" else batch["logprobs_now"]
+        sampler = {None: None, "old": old, "noisy": old + batch["sampler_noise"]}[sampler]
+        policy = as_trained(models.load_full_model(models.ModelSpec("policy", model_dir, "--model")))
+        run = make_run(args, policy, None, {"policy": torch.optim.SGD(policy.parameters(), lr=LR)}, ref=object())
+        row = fixed_step(run, batch, lo, hi, old, sampler)
+        results[name] = {"row": row, "advantages": distributed.all_gather_cat(row.pop("_advantages")),
+                         "policy": full_parameters(policy)}
+        row.pop("_returns")
+    for name, overrides in DYNAMIC:
+        results[name] = dynamic_step(model_dir, batch, lo, hi, overrides)
     if rank == 0:
         torch.save(results, os.path.join(out_dir, f"update_w{world}.pt"))
+
+
+def dynamic_step(model_dir: str, batch: dict, lo: int, hi: int, overrides: dict) -> dict:
+    """train.rl_step with --dynamic-sampling, where every draw samples this rank's rows lo:hi of the fixed batch and
+    scores them with DRAW_SCORES[draw]; the log-probs are the model's own (no reference, β = 0). Returns the row, the
+    gathered scores and advantages of the rows the step kept, and the parameters after it."""
+    args = dataclasses.replace(case_args(CASES[0], batch), beta=0.0, **overrides)
+    policy = as_trained(models.load_full_model(models.ModelSpec("policy", model_dir, "--model")))
+    run = make_run(args, policy, None, {"policy": torch.optim.SGD(policy.parameters(), lr=LR)},
+                   tok=models.load_tokenizer(model_dir))
+    seen, advantages = {}, train.compute_advantages
+
+    def keep(run, rollout):
+        seen["scores"] = distributed.all_gather_cat(rollout.scores)
+        seen["advantages"] = distributed.all_gather_cat(advantages(run, rollout)[0])
+        return seen["advantages"].view(run.world, -1)[run.rank], None
+
+    patched = {"sample": lambda run, rows, repeat: fixed_rollout(batch, lo, hi),
+               "score": lambda run, rollout, step: (torch.tensor(DRAW_SCORES[run.draws][lo:hi]), None),
+               "compute_advantages": keep}
+    originals = {name: getattr(train, name) for name in patched}
+    try:
+        for name, fn in patched.items():
+            setattr(train, name, fn)
+        row = train.rl_step(run, step=1)
+    finally:
+        for name, fn in originals.items():
+            setattr(train, name, fn)
+    timing = [k for k in row if k.startswith("time_") or k in ("step_time_s", "tokens_per_s", "host_peak_rss_gib")]
+    return {"row": {k: v for k, v in row.items() if k not in timing}, "draws": run.draws, **seen,
+            "policy": full_parameters(policy)}
 
 
 def wrap_collectives(record: list, names: tuple) -> dict:
@@ -239,7 +316,7 @@ def run_loading(model_dir: str, out_dir: str) -> None:
         models.load_full_model = original
     out = {"calls": distributed.all_gather_objects(calls), "shapes": shapes,
            "local_numel": distributed.all_gather_objects(sum(p.to_local().numel() for p in policy.parameters())),
-           "policy": {n: p.full_tensor().detach().clone() for n, p in policy.named_parameters()},
+           "policy": full_parameters(policy),
            "policy_buffers": {n: b.detach().clone() for n, b in policy.named_buffers()},
            "critic": {n: p.full_tensor().detach().clone() for n, p in critic.named_parameters()},
            "generation_config": generation_config.to_dict() if generation_config is not None else None}
