@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import step_on  # noqa: E402
+from helpers import rl_step_with, step_on  # noqa: E402
 
 import data  # noqa: E402
 import distributed  # noqa: E402
@@ -185,14 +185,7 @@ def dynamic_step(model_dir: str, batch: dict, lo: int, hi: int, overrides: dict)
     patched = {"sample": lambda run, rows, repeat: fixed_rollout(batch, lo, hi),
                "score": lambda run, rollout, step: (torch.tensor(DRAW_SCORES[run.draws][lo:hi]), None),
                "compute_advantages": keep}
-    originals = {name: getattr(train, name) for name in patched}
-    try:
-        for name, fn in patched.items():
-            setattr(train, name, fn)
-        row = train.rl_step(run, step=1)
-    finally:
-        for name, fn in originals.items():
-            setattr(train, name, fn)
+    row = rl_step_with(run, patched)
     timing = [k for k in row if k.startswith("time_") or k in ("step_time_s", "tokens_per_s", "host_peak_rss_gib")]
     return {"row": {k: v for k, v in row.items() if k not in timing}, "draws": run.draws, **seen,
             "policy": full_parameters(policy)}

@@ -88,12 +88,19 @@ def step_on(run, rollout, scores, logprobs=None, values=None) -> dict:
         patched["token_logprobs"] = lambda run, model, batch: logprobs[0] if model is run.policy else logprobs[1]
     if values is not None:
         patched["token_values"] = lambda run, batch: values
+    return rl_step_with(run, patched) | seen
+
+
+def rl_step_with(run, patched: dict) -> dict:
+    """train.rl_step(run, step=1) with some of train's functions replaced in this process for this call: `patched`
+    maps a name of train (sample, score, compute_advantages, token_logprobs, token_values) to its stand-in."""
+    import train
+
     originals = {name: getattr(train, name) for name in patched}
     try:
         for name, fn in patched.items():
             setattr(train, name, fn)
-        row = train.rl_step(run, step=1)
+        return train.rl_step(run, step=1)
     finally:
         for name, fn in originals.items():
             setattr(train, name, fn)
-    return row | seen

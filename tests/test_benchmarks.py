@@ -159,7 +159,7 @@ def test_padded_bytes_by_hand():
 
 
 def test_gpu_check_smoke_on_cpu(tmp_path):
-    """benchmarks/gpu_check.py --smoke: the script a GPU loan runs, on CPU with a tiny Qwen2 config (the real 151,936
+    """benchmarks/gpu_check.py --smoke: the script a GPU runs first, on CPU with a tiny Qwen2 config (the real 151,936
     vocabulary and tokenizer), gloo, one step of each run: every run exits 0, reports its phases, MFU and the ledger's
     prediction, sampling matches the scored policy (fp32), and every collective's tensors are on the group's device."""
     import os
@@ -171,12 +171,12 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert results["environment"]["missing"] is None and results["environment"]["torch"]
-    assert [r["name"] for r in results["runs"]] == ["grpo", "grpo_checkpointing", "ppo"]
+    assert [r["name"] for r in results["runs"]] == ["ppo"]  # the smoke run: PPO only (policy, critic, reference)
     for r in results["runs"]:
         assert r["exit"] == 0 and r["steps"] == 1 and r["update_flops"] > 0 and r["ledger_predicted_gib"] > 0, r
         assert r["rollout_logprob_diff"] < 1e-3 and r["time_update_s"] > 0
-    assert results["runs"][2]["ledger_terms_gib"]["trainable_state"] == 2 * results["runs"][0]["ledger_terms_gib"][
-        "trainable_state"]  # PPO trains the critic too
+    terms = results["runs"][0]["ledger_terms_gib"]  # PPO trains the critic too: two models' 16 bytes a parameter
+    assert math.isclose(terms["trainable_state"], 2 * 16 * results["model"]["n_params"] / 2**30, rel_tol=0.01), terms
     for algo in ("grpo", "ppo"):
         assert results["collectives"][algo]["all_on_group_device"], results["collectives"]
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")

@@ -340,7 +340,7 @@ def test_default_minibatch_fits_the_batch_on_2_ranks(tmp_path, capsys, monkeypat
 # 10. Silent failures a new user met: stale artefacts, --model OUT/hf, data problems
 # ======================================================================================================================
 def test_a_warm_start_made_with_other_settings_is_refused_not_reused(base, tmp_path, capsys):
-    """A rerun into the --out of a --seed 0 run with --seed 1 used to start RL from the seed-0 warm start, silently."""
+    """A run with --seed 1 into the --out of a --seed 0 run must not start RL from the seed-0 warm start, silently."""
     out = copy_base(base, tmp_path / "out")
     line = main_error(capsys, "--out", out, *[a for a in TINY if a not in ("--seed", "0")], "--seed", "1", "--steps", 1)
     assert line.startswith(f"error: {out / 'sft'} holds a warm start made with other settings (--seed 0 → 1") and \

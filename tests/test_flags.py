@@ -361,7 +361,7 @@ def test_mask_truncated_row_is_out_of_the_update(tiny_dir, one_process_group, lo
 
     tok = models.load_tokenizer(tiny_dir)
     lr = 0.5
-    args = train.Args(algo="grpo", group_size=4, prompts_per_step=2, mask_truncated=True, minibatch_size=8,
+    args = train.Args(algo="grpo", group_size=4, prompts_per_step=2, mask_truncated=True, minibatch_size=8, eps=0.2,
                       micro_batch_size=8, max_new_tokens=3, loss_agg=loss_agg, ent_coef=0.0, beta=0.0, max_grad_norm=1e9)
     d = tok.convert_tokens_to_ids(list("91"))
     after = []

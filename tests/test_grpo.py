@@ -18,6 +18,7 @@ from grpo import (
     kl_k1,
     kl_k2,
     kl_k3,
+    rloo_advantages,
 )
 from ppo import clipped_surrogate_loss
 
@@ -60,14 +61,14 @@ def test_baseline_by_exact_enumeration():
     for ys in itertools.product(range(K), repeat=G):
         prob = math.prod(p[y].item() for y in ys)
         r = R[list(ys)]
-        mean, std = r.mean(), r.std()
+        # the advantages as the project computes them: Dr.GRPO's R − mean, GRPO's (R − mean)/(std + ε), RLOO's
+        advantages = {"mean": group_advantages(r[None], scale=False)[0], "mean_std": group_advantages(r[None])[0],
+                      "loo": rloo_advantages(r[None])[0]}
         for i, y in enumerate(ys):
-            loo = (r.sum() - r[i]) / (G - 1)
             est["none"] += prob * score[y] * r[i] / G
             est["state"] += prob * score[y] * (r[i] - 0.37) / G  # any constant (a function of the prompt only)
-            est["mean"] += prob * score[y] * (r[i] - mean) / G
-            est["loo"] += prob * score[y] * (r[i] - loo) / G
-            est["mean_std"] += prob * score[y] * ((r[i] - mean) / (std + 1e-6)) / G
+            for name, a in advantages.items():
+                est[name] += prob * score[y] * a[i] / G
     torch.testing.assert_close(est["none"], grad_J)
     torch.testing.assert_close(est["state"], grad_J)
     torch.testing.assert_close(est["loo"], grad_J)

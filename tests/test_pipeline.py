@@ -5,6 +5,7 @@ the loading checks, and the whole pipeline, tiny, on 2 ranks through torchrun.
 Expected values come from computations written here: each text scored alone by the reward model (backbone, then its
 head applied by hand at the last position), the critic's head output read at the same place, hand-tokenised pairs.
 """
+import dataclasses
 import json
 import math
 import os
@@ -161,6 +162,21 @@ def test_critic_from_the_reward_model_is_the_reward_at_step_0_through_the_traine
         trained_on = train.score(run, batch, 1)[0][0].item()
         assert abs(r) > 0.05 and math.isclose(v, 1.5 * (r - 0.3) / 2.0, rel_tol=1e-5, abs_tol=1e-6), (prompt, r, v)
         assert math.isclose(trained_on, v, rel_tol=1e-5, abs_tol=1e-6), (prompt, trained_on, v)
+    # the gold reward of the same run: the verifier's verdict on each completion against its answer, logged beside the
+    # learned reward and never part of it (the answers changed, R is the same; the verdicts follow the answers)
+    texts, answers = ["19", "8", "58", "so it is 7."], ["19", "7", "58", "7"]
+    prompts = ["12+7=", "3+4=", "29+29=", "3+4="]
+    ids = [run.tok(p)["input_ids"] + run.tok(c, add_special_tokens=False)["input_ids"] for p, c in zip(prompts, texts)]
+    width = max(map(len, ids))
+    batch = train.Rollout(input_ids=torch.tensor([[run.tok.pad_token_id] * (width - len(x)) + x for x in ids]),
+                          attention_mask=torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]),
+                          completion_mask=torch.ones(4, 1), loss_mask=torch.ones(4, 1), n_prompt=width - 1,
+                          prompts=prompts, answers=answers, texts=texts)
+    reward, gold = train.score(run, batch, 1)
+    assert gold.tolist() == [1.0, 0.0, 1.0, 1.0]  # "8" is not 3+4; the last number of "so it is 7." is
+    reward_other, gold_other = train.score(run, dataclasses.replace(batch, answers=["0", "8", "0", "0"]), 1)
+    assert gold_other.tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert torch.equal(reward, reward_other) and reward.unique().numel() > 1
 
 
 def other_vocabulary_model(path) -> str:
@@ -363,6 +379,22 @@ def test_the_reward_model_export_loads_as_it_is_and_stores_its_scale(pipeline):
     assert math.isclose(model.config.reward_mean, last["eval_reward_mean"], rel_tol=1e-9)
     assert math.isclose(model.config.reward_std, last["eval_reward_std"], rel_tol=1e-9)
     comparisons = pipeline.rm / "embedded_data" / "comparisons"
+    assert_export_is_the_checkpoint(model, pipeline.rm / "checkpoints" / "step_000010", "reward_model")
+    # and recomputed from the export: its score of each held-out prompt + response (the first --eval-size 40 pairs),
+    # one sequence at a time, the head applied by hand to the backbone's last hidden state; mean and (Bessel) std of
+    # the 2N scores
+    tok, scores = models.load_tokenizer(pipeline.rm / "hf"), []
+    held_out = [json.loads(line) for line in open(comparisons / "test.jsonl")][:40]
+    with torch.no_grad():
+        for p in held_out:
+            for response in (p["chosen"], p["rejected"]):
+                ids = torch.tensor([scoring.reward_model_ids(tok, p["prompt"], response)])
+                scores.append(model.score(model.model(input_ids=ids).last_hidden_state[0, -1]).item())
+    mean = sum(scores) / len(scores)
+    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1))
+    assert model.config.reward_pairs == len(held_out) == 40
+    assert math.isclose(model.config.reward_mean, mean, rel_tol=1e-4, abs_tol=1e-5), (model.config.reward_mean, mean)
+    assert math.isclose(model.config.reward_std, std, rel_tol=1e-4), (model.config.reward_std, std)
     train_pairs = [json.loads(line) for line in open(comparisons / "train.jsonl")]
     test_pairs = [json.loads(line) for line in open(comparisons / "test.jsonl")]
     assert not {p["prompt"] for p in train_pairs} & {p["prompt"] for p in test_pairs}, "held out by prompt"
@@ -371,12 +403,41 @@ def test_the_reward_model_export_loads_as_it_is_and_stores_its_scale(pipeline):
         assert rewards.math_reward(p["chosen"], str(a + b)) == 1.0 and rewards.math_reward(p["rejected"], str(a + b)) == 0.0
 
 
+def assert_export_is_the_checkpoint(exported, checkpoint, name: str) -> None:
+    """Every tensor of the export OUT/hf equals the trained model `name` of the DCP checkpoint, bit for bit."""
+    import torch.distributed.checkpoint as dcp
+
+    state = exported.state_dict()
+    trained = {k: torch.empty_like(v) for k, v in state.items() if k != "lm_head.weight" or
+               not exported.config.tie_word_embeddings}
+    dcp.load({name: trained}, checkpoint_id=str(checkpoint))
+    for k, v in trained.items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_the_policy_export_is_the_trained_policy(pipeline):
+    """OUT/hf of the PPO stage is the policy of its last checkpoint, and it moved from the sft model it started at."""
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(pipeline.ppo / "hf")
+    assert_export_is_the_checkpoint(exported, pipeline.ppo / "checkpoints" / "step_000002", "policy")
+    start = AutoModelForCausalLM.from_pretrained(pipeline.sft / "hf").state_dict()
+    assert max((v - start[k]).abs().max().item() for k, v in exported.state_dict().items()) > 1e-4
+
+
 def test_four_model_memory_reports_the_frozen_models(pipeline):
     """PPO with a reference and a reward model: memory.json has the frozen models' measured bytes beside the
     ledger's prediction (fp32 on CPU: 4 bytes per parameter of each rank's shard), and they agree."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     memory = json.loads((pipeline.ppo / "memory.json").read_text())
     assert set(memory["frozen_measured_bytes"]) == {"ref", "reward_model"}
     assert memory["frozen_measured_bytes"] == memory["frozen_predicted_bytes"] and memory["frozen_bytes_per_param"] == 4
+    # counted here from the checkpoints: FSDP2 gives rank 0 the first ⌈d_0/2⌉ rows of every parameter, 4 bytes each
+    rank0 = lambda model: 4 * sum(math.ceil(p.shape[0] / 2) * p[0].numel() for p in model.parameters())  # noqa: E731
+    assert memory["frozen_measured_bytes"] == {
+        "ref": rank0(AutoModelForCausalLM.from_pretrained(pipeline.sft / "hf")),
+        "reward_model": rank0(AutoModelForSequenceClassification.from_pretrained(pipeline.rm / "hf"))}
     assert memory["predicted_bytes"] == memory["measured_bytes"]
 
 

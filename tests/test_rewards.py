@@ -305,18 +305,24 @@ def _tiny_tokenizer(*, with_pad: bool):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
 
 
-@pytest.fixture(scope="module")
-def saved_reward_model(tmp_path_factory):
-    """A 2-layer LlamaForSequenceClassification (num_labels=1) and its tokenizer, saved and reloaded from disk."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def saved_reward_model(tmp_path_factory, request):
+    """A 2-layer sequence classifier (num_labels=1) and its tokenizer, saved and reloaded from disk: Llama (rotary
+    positions) and GPT-2, whose learned absolute positions make a left-padded row score wrongly unless the positions
+    count real tokens only."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, num_labels=1,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = LlamaForSequenceClassification(config)
+    ids = {"num_labels": 1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    if request.param == "llama":
+        model = LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=128, **ids))
+    else:
+        model = GPT2ForSequenceClassification(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4,
+                                                         n_positions=128, initializer_range=0.2, **ids))
     torch.nn.init.normal_(model.score.weight, std=1.0)  # spread the scores so a wrong token position shows
-    path = tmp_path_factory.mktemp("tiny_rm")
+    path = tmp_path_factory.mktemp(f"tiny_rm_{request.param}")
     model.save_pretrained(path)
     _tiny_tokenizer(with_pad=True).save_pretrained(path)
     return path
@@ -327,7 +333,7 @@ def _score_alone(model, tokenizer, prompt, completion):
     hand to the hidden state of its last position: no padding, no pooling, no hook."""
     ids = tokenizer(prompt + completion)["input_ids"]
     with torch.no_grad():
-        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state  # (1, L, H)
+        hidden = model.base_model(input_ids=torch.tensor([ids])).last_hidden_state  # (1, L, H)
         return model.score(hidden[0, -1]).item()
 
 
