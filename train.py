@@ -313,7 +313,7 @@ def sampler_correction(run: Run, batch: Rollout) -> tuple[torch.Tensor, dict]:
     out = ppo.sampler_correction(batch.old_logprobs, batch.sampler_logprobs, mask, args.sampler_correction_cap,
                                  args.sampler_correction_mask)
     n, rows, w, cut, masked = global_sum(mask.sum().item(), len(batch), out["weights"].sum().item(),
-                                         (out["truncated"] * mask).sum().item(), out["masked"].sum().item())
+                                         out["truncated"].sum().item(), out["masked"].sum().item())
     return out["weights"], {"sampler_weight_mean": w / max(n, 1), "sampler_frac_truncated": cut / max(n, 1),
                             "sampler_frac_masked": masked / rows}
 
