@@ -9,14 +9,10 @@ The split is fixed (it does not follow --seed): 200 problems for testing, 700 fo
 stage keeps the first 200 aside to decide when to stop (`train[:200]`, see SFT_SPLITS). Every stage and every seed
 therefore evaluates on the same 200 test problems, and none trains on them.
 
-Without --dataset, the reward-model stage's comparisons are made here too (embedded_comparisons): ROUNDS pairs of
-samples of the --model policy for each training prompt, the verifier choosing the right answer.
-
 Each artefact is written under --out with a meta.json of what made it. A later run reuses it only when that matches
 and otherwise says what differs and writes it again (they are cheap and fully determined by their settings).
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,8 +22,6 @@ import torch
 
 import checkpoints
 import distributed
-import rewards as rewards_lib
-import sampling
 from distributed import say
 
 TASK = {"task": "addition", "operands": [0, 30], "test_rows": 200, "data_seed": 0, "version": 1}
@@ -35,8 +29,6 @@ TINY = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_atte
 MAX_NEW_TOKENS = 6  # "58<eos>" is 3 tokens; 6 leaves room for a wrong answer to run on
 SFT_SPLITS = ("train[200:]", "train[:200]")  # the supervised stage: trains on 500 problems, stops by the other 200
 DATA_DIR, MODEL_DIR = "embedded_data", "embedded_model"  # under --out
-HELD_OUT = 0.2  # the embedded comparisons: this fraction of the prompts' pairs is held out
-ROUNDS = 64  # the embedded comparisons: each prompt is sampled twice this many times (at most one pair a round)
 
 
 def make_char_tokenizer():
@@ -118,74 +110,6 @@ def prepare(out: str, seed: int, with_model: bool) -> str:
             built(os.path.join(out, MODEL_DIR), {"seed": seed} | TINY, lambda tmp: write_initial_model(tmp, seed))
     dist.barrier()
     return os.path.join(out, DATA_DIR)
-
-
-# ======================================================================================================================
-# The embedded comparisons: the reward-model stage's preference data when no --dataset is given
-# ======================================================================================================================
-def fingerprint(model_dir: str) -> str:
-    """A short hash of a local checkpoint's weight files: comparisons sampled from another model are not reused."""
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(model_dir)):
-        if name.endswith((".safetensors", ".bin")):
-            with open(os.path.join(model_dir, name), "rb") as f:
-                digest.update(f.read())
-    return digest.hexdigest()[:16]
-
-
-def sample_comparisons(policy, tok, rows: list, sampler: sampling.Sampler, seed: int) -> list[dict]:
-    """Collective: ROUNDS pairs of samples of every prompt (PromptRow), split across ranks, ranked by the checker.
-    Returns every rank's comparisons: {prompt, chosen, rejected, group} where group is the prompt's index."""
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    found = []
-    for r in range(ROUNDS):
-        torch.manual_seed(distributed.seed_for(seed, r, rank))
-        mine = list(range(rank, len(rows), world))
-        done = sampling.generate(policy, tok, [rows[i].ids for i in mine], sampler, repeat=2)
-        for k, i in enumerate(mine):
-            a, b = done.texts[2 * k], done.texts[2 * k + 1]
-            right = [rewards_lib.math_reward(t, rows[i].answer) == 1.0 for t in (a, b)]
-            if right[0] != right[1] and a != b:  # one right, one wrong: the checker prefers the right one
-                chosen, rejected = (a, b) if right[0] else (b, a)
-                found.append({"prompt": rows[i].text, "chosen": chosen, "rejected": rejected, "group": i})
-    return [c for part in distributed.all_gather_objects(found) for c in part]
-
-
-def distinct_pairs(comparisons: list[dict]) -> list[dict]:
-    """Each (prompt, chosen, rejected) once, the first time it was drawn."""
-    return list({(c["prompt"], c["chosen"], c["rejected"]): c for c in comparisons}.values())
-
-
-def write_comparisons(path: str, comparisons: list[dict], n_prompts: int) -> None:
-    """train.jsonl and test.jsonl of `comparisons`, each pair once (annotators do not label the same pair twice;
-    measured, the number of distinct pairs is what the reward model's accuracy follows): the pairs of a random
-    HELD_OUT of the prompts are the test set, so that no held-out prompt is trained on."""
-    held = set(np.random.default_rng(0).permutation(n_prompts)[: int(HELD_OUT * n_prompts)].tolist())
-    distinct = distinct_pairs(comparisons)
-    os.makedirs(path, exist_ok=True)
-    for name, part in (("train.jsonl", [c for c in distinct if c["group"] not in held]),
-                       ("test.jsonl", [c for c in distinct if c["group"] in held])):
-        with open(os.path.join(path, name), "w") as f:
-            f.writelines(json.dumps({k: c[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for c in part)
-
-
-def embedded_comparisons(args, policy, tok, rows: list, sampler: sampling.Sampler) -> str:
-    """Collective: OUT/embedded_data/comparisons, sampled from --model unless it is already there for this model,
-    seed and number of rounds. Returns its path (a data set like any other: train.jsonl, test.jsonl)."""
-    path = os.path.join(args.out, "embedded_data", "comparisons")
-    settings = {"model": os.path.abspath(args.model), "weights": fingerprint(args.model), "seed": args.seed,
-                "rounds": ROUNDS, "max_new_tokens": args.max_new_tokens}
-    meta = os.path.join(path, "meta.json")
-    fresh = os.path.isfile(meta) and json.load(open(meta)) == settings
-    if not distributed.all_gather_objects(fresh)[0]:
-        comparisons = sample_comparisons(policy, tok, rows, sampler, args.seed)
-        if torch.distributed.get_rank() == 0:
-            built(path, settings, lambda tmp: write_comparisons(tmp, comparisons, len(rows)))
-            say(f"comparisons: {len(distinct_pairs(comparisons))} distinct pairs ({len(comparisons)} drawn) "
-                f"from {ROUNDS} rounds of two samples of each of the {len(rows)} training prompts by "
-                f"{args.model} (ties dropped), in {path}")
-    torch.distributed.barrier()
-    return path
 
 
 def warm_start_args(args, world: int):

@@ -52,6 +52,8 @@ class Args:
     reward_model_weight: float = arg(1.0, "weight of the reward model's score in the total reward")
     reward_model_normalize: bool = arg(True, "standardise the reward model's score with the mean and std stored in its "
                                              "config (written by --algo rm); a checkpoint without them scores raw")
+    comparison_rounds: int = arg(64, "rm without a preference data set: rounds of two samples of each training prompt "
+                                 "by --model, the verifier choosing (docs/pipeline.md)")
     critic_init: str = arg("policy", "PPO's critic: 'policy' (the policy's checkpoint, head zeroed: V = 0 at first) "
                                      "or a reward model (backbone and head carried over: V = the reward at first)")
     group_size: int = arg(8, "G: completions sampled per prompt")

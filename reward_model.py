@@ -12,10 +12,11 @@ Data follow TRL's convention: columns `chosen` and `rejected`, an optional `prom
 implicit, inside both texts), an optional `margin`; plain text, or conversations (lists of {"role", "content"}) that
 go through the chat template. A pair longer than --max-length tokens is dropped, and counted (TRL drops too).
 
-The embedded default (embedded_task.embedded_comparisons) collects comparisons the way document 004 says they are
-collected: for each training prompt, two samples of the --model policy, ranked by an annotator, here the verifiable
-checker (rewards.math_reward): the correct one is chosen. Ties (both right, both wrong, or the same text) are
-dropped, and a pair drawn again is kept once; a fifth of the prompts' pairs are held out for evaluation. The
+Without a preference data set (no --dataset, or one of prompts and answers: no `chosen` column) the stage collects
+its comparisons the way document 004 says they are collected (sampled_comparisons): for each training prompt,
+--comparison-rounds rounds of two samples of the --model policy, ranked by an annotator, here the verifiable checker
+(rewards.math_reward): the correct one is chosen. Ties (both right, both wrong, or the same text) are dropped, and a
+pair drawn again is kept once; a fifth of the prompts' pairs are held out for evaluation. The
 export, OUT/hf, loads as it is with --reward-model; its config carries `reward_mean` and `reward_std`, the scores'
 mean and std on the held-out pairs (OpenRLHF stores the same), with which --reward-model standardises the score, and
 `reward_pairs`, how many pairs they come from.
@@ -27,16 +28,21 @@ mean and std on the held-out pairs (OpenRLHF stores the same), with which --rewa
 | m            | margin           | (b,)  | per-pair margin (0 without a `margin` column)    |
 """
 
+import hashlib
+import json
 import os
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 import data
 import distributed
+import embedded_task
 import metrics
 import optim
 import rewards as rewards_lib
+import sampling
 import scoring
 from distributed import UserError, say
 
@@ -109,8 +115,21 @@ def evaluate(run) -> tuple[dict, list[dict]]:
 
 
 # ======================================================================================================================
-# Data: preference pairs from a data set, or the embedded comparisons
+# Data: preference pairs from a data set
 # ======================================================================================================================
+def has_pairs(args, name: str) -> bool:
+    """Whether the data set `name` holds preference pairs (`chosen`, `rejected`); if not, it must hold prompts and
+    answers (--prompt-column, --answer-column) to sample comparisons from, else one line names its columns."""
+    columns = data.load_split(args, name, args.split).column_names
+    if {"chosen", "rejected"} & set(columns):
+        return True
+    if not {args.prompt_column, args.answer_column} <= set(columns):
+        raise UserError(f"dataset {name!r} has columns {', '.join(columns)}: --algo rm needs preference pairs "
+                        f"(chosen, rejected, optional prompt and margin) or prompts and answers to sample comparisons "
+                        f"from (--prompt-column {args.prompt_column!r}, --answer-column {args.answer_column!r})")
+    return False
+
+
 def load_pairs(args, tok, name: str) -> tuple[list[Pair], list[Pair]]:
     """Training and held-out Pairs of a preference data set (see the module docstring for its columns)."""
     train = data.load_split(args, name, args.split)
@@ -200,3 +219,79 @@ def pair_texts(tok, prompt, chosen, rejected, where: str, row: int) -> tuple[str
         prompt = os.path.commonprefix([chosen, rejected])
         return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
     return str(prompt), str(chosen), str(rejected)
+
+
+# ======================================================================================================================
+# Comparisons sampled from the policy, the verifier annotating (a --dataset of prompts and answers, or none)
+# ======================================================================================================================
+HELD_OUT = 0.2  # this fraction of the prompts' pairs is held out
+
+
+def fingerprint(model: str) -> str:
+    """A short hash of a local checkpoint's weight files (a hub name stands for itself): comparisons sampled from
+    another model are not reused."""
+    if not os.path.isdir(model):
+        return model
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(model)):
+        if name.endswith((".safetensors", ".bin")):
+            with open(os.path.join(model, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def sample_comparisons(policy, tok, rows: list, sampler: sampling.Sampler, seed: int, rounds: int) -> list[dict]:
+    """Collective: `rounds` pairs of samples of every prompt (PromptRow), split across ranks, ranked by the checker.
+    Returns every rank's comparisons: {prompt, chosen, rejected, group} where group is the prompt's index."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    found = []
+    for r in range(rounds):
+        torch.manual_seed(distributed.seed_for(seed, r, rank))
+        mine = list(range(rank, len(rows), world))
+        done = sampling.generate(policy, tok, [rows[i].ids for i in mine], sampler, repeat=2)
+        for k, i in enumerate(mine):
+            a, b = done.texts[2 * k], done.texts[2 * k + 1]
+            right = [rewards_lib.math_reward(t, rows[i].answer) == 1.0 for t in (a, b)]
+            if right[0] != right[1] and a != b:  # one right, one wrong: the checker prefers the right one
+                chosen, rejected = (a, b) if right[0] else (b, a)
+                found.append({"prompt": rows[i].text, "chosen": chosen, "rejected": rejected, "group": i})
+    return [c for part in distributed.all_gather_objects(found) for c in part]
+
+
+def distinct_pairs(comparisons: list[dict]) -> list[dict]:
+    """Each (prompt, chosen, rejected) once, the first time it was drawn."""
+    return list({(c["prompt"], c["chosen"], c["rejected"]): c for c in comparisons}.values())
+
+
+def write_comparisons(path: str, comparisons: list[dict], n_prompts: int) -> None:
+    """train.jsonl and test.jsonl of `comparisons`, each pair once (annotators do not label the same pair twice;
+    measured, the number of distinct pairs is what the reward model's accuracy follows): the pairs of a random
+    HELD_OUT of the prompts are the test set, so that no held-out prompt is trained on."""
+    held = set(np.random.default_rng(0).permutation(n_prompts)[: int(HELD_OUT * n_prompts)].tolist())
+    distinct = distinct_pairs(comparisons)
+    os.makedirs(path, exist_ok=True)
+    for name, part in (("train.jsonl", [c for c in distinct if c["group"] not in held]),
+                       ("test.jsonl", [c for c in distinct if c["group"] in held])):
+        with open(os.path.join(path, name), "w") as f:
+            f.writelines(json.dumps({k: c[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for c in part)
+
+
+def sampled_comparisons(args, policy, tok, rows: list, sampler: sampling.Sampler) -> str:
+    """Collective: OUT/comparisons, sampled from --model unless it is already there for this model, data, seed and
+    sampling. Returns its path (a data set like any other: train.jsonl, test.jsonl)."""
+    path = os.path.join(args.out, "comparisons")
+    settings = {"model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
+                "weights": fingerprint(args.model), "dataset": args.dataset, "split": args.split, "seed": args.seed,
+                "rounds": args.comparison_rounds, "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature, "chat_template": args.chat_template, "prompts": len(rows)}
+    meta = os.path.join(path, "meta.json")
+    fresh = os.path.isfile(meta) and json.load(open(meta)) == settings
+    if not distributed.all_gather_objects(fresh)[0]:
+        comparisons = sample_comparisons(policy, tok, rows, sampler, args.seed, args.comparison_rounds)
+        if torch.distributed.get_rank() == 0:
+            embedded_task.built(path, settings, lambda tmp: write_comparisons(tmp, comparisons, len(rows)))
+            say(f"comparisons: {len(distinct_pairs(comparisons))} distinct pairs ({len(comparisons)} drawn) "
+                f"from {args.comparison_rounds} rounds of two samples of each of the {len(rows)} training prompts "
+                f"by {args.model} (ties dropped), in {path}")
+    torch.distributed.barrier()
+    return path

@@ -498,16 +498,17 @@ def build_run(args: Args, rank: int, world: int, device: torch.device) -> Run:
 
 
 def build_reward_model_run(args: Args, rank: int, world: int, device, tok, source: str | None) -> Run:
-    """--algo rm: the comparisons (a preference data set, or sampled from --model on the embedded task), then the
+    """--algo rm: the comparisons (a preference data set, or sampled from --model on prompts with answers), then the
     reward model to train, a sequence classifier started from --model."""
     mixed = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     spec = models.ModelSpec("reward_model_init", args.model, "--model", checkpointing=args.gradient_checkpointing)
-    if not args.dataset:  # the embedded task: comparisons of two samples of the --model policy
+    sampled = not reward_model.has_pairs(args, source)
+    if sampled:  # prompts and answers: comparisons of two samples of --model
         policy, _, generation = models.load_model(models.ModelSpec("policy", args.model, "--model"), device, mixed)
         rows = data.tokenize_prompts(tok, args, data.load_prompts(dataclasses.replace(args, eval_size=0), source)[0],
                                      None)
-        sampler = sampling.make_sampler(policy, tok, args.max_new_tokens, 1.0, generation)
-        source = embedded_task.embedded_comparisons(args, policy, tok, rows, sampler)
+        sampler = sampling.make_sampler(policy, tok, args.max_new_tokens, args.temperature, generation)
+        source = reward_model.sampled_comparisons(args, policy, tok, rows, sampler)
         del policy
     torch.manual_seed(args.seed)  # the new score head: the same start with or without the comparisons' sampling
     model, shapes, _ = models.load_model(spec, device, mixed)
@@ -515,7 +516,8 @@ def build_reward_model_run(args: Args, rank: int, world: int, device, tok, sourc
         model.config.pad_token_id = tok.pad_token_id
     context = getattr(model.config, "max_position_embeddings", None)
     args.max_length = args.max_length or context
-    train_rows, eval_rows = reward_model.load_pairs(args, tok, source)
+    splits = dict(split="train", eval_split="test") if sampled else {}  # the sampled comparisons' own splits
+    train_rows, eval_rows = reward_model.load_pairs(dataclasses.replace(args, **splits), tok, source)
     args.steps = math.ceil(len(train_rows) / args.prompts_per_step) if args.steps is None else args.steps
     optimizer = optim.adamw(model, args.lr, args.weight_decay)
     run = Run(args=args, rank=rank, world=world, device=device, tok=tok, train_rows=train_rows, eval_rows=eval_rows,

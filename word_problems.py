@@ -3,9 +3,9 @@
 The task: short natural-language problems that need one addition or subtraction of numbers below 20, e.g. "Mia has
 7 stickers. Mia gets 5 more. How many stickers does Mia have now?" → "12". The answer column is a bare number string,
 graded by `--reward math` (rewards.math_reward: `#### n`, `\\boxed{n}`, else the LAST number of the completion, by
-numeric equality). `python word_problems.py --out DIR` writes DIR/train.jsonl and DIR/test.jsonl (columns question,
-answer): `train.py --dataset DIR` reads them as the splits train and test. The train and test problems are drawn from
-disjoint (template, numbers) triples, so the test split is held out.
+numeric equality). `python word_problems.py --out DIR` writes DIR/train.jsonl and DIR/test.jsonl (columns
+question, answer, solution): `train.py --dataset DIR` reads them as the splits train and test. The train and test
+problems are drawn from disjoint (template, numbers) triples, so the test split is held out.
 
 Why it is a fair test for SmolLM2-135M-Instruct (benchmarks/README.md, "A real model"): its knowledge suffices (it
 writes "9 + 6 = 15" for many of these), yet it does not reliably succeed at the start. Greedy, with its chat template,
@@ -47,13 +47,14 @@ def draw_numbers(op: str, rng: np.random.Generator) -> tuple[int, int, int]:
     return a, b, a - b
 
 
-def make_problem(rng: np.random.Generator) -> tuple[str, str, tuple]:
-    """One (question, answer, key): key identifies the problem's template and numbers (for the disjoint split)."""
+def make_problem(rng: np.random.Generator) -> tuple[str, str, str, tuple]:
+    """One (question, answer, solution, key): the solution is the worked line "7 + 5 = 12" (a demonstration for
+    --algo sft with --answer-column solution); key identifies the template and numbers (for the disjoint split)."""
     t = int(rng.integers(len(TEMPLATES)))
     op, text = TEMPLATES[t]
     a, b, answer = draw_numbers(op, rng)
     name, item = NAMES[int(rng.integers(len(NAMES)))], ITEMS[int(rng.integers(len(ITEMS)))]
-    return text.format(n=name, x=item, a=a, b=b), str(answer), (t, a, b)
+    return text.format(n=name, x=item, a=a, b=b), str(answer), f"{a} {op} {b} = {answer}", (t, a, b)
 
 
 def write_task(path: str, n_train: int = 4000, n_test: int = 200, seed: int = DATA_SEED) -> tuple[str, str]:
@@ -63,15 +64,15 @@ def write_task(path: str, n_train: int = 4000, n_test: int = 200, seed: int = DA
     os.makedirs(path, exist_ok=True)
     test, test_keys = [], set()
     while len(test) < n_test:  # the test split first, its (template, a, b) keys distinct
-        q, a, key = make_problem(rng)
+        q, a, solution, key = make_problem(rng)
         if key not in test_keys:
             test_keys.add(key)
-            test.append({"question": q, "answer": a})
+            test.append({"question": q, "answer": a, "solution": solution})
     train = []
     while len(train) < n_train:  # training rows may repeat among themselves, never a test key
-        q, a, key = make_problem(rng)
+        q, a, solution, key = make_problem(rng)
         if key not in test_keys:
-            train.append({"question": q, "answer": a})
+            train.append({"question": q, "answer": a, "solution": solution})
     files = os.path.join(path, "train.jsonl"), os.path.join(path, "test.jsonl")
     for file, rows in zip(files, (train, test)):
         with open(file, "w") as f:

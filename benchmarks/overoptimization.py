@@ -9,7 +9,7 @@ and document 004's first pitfall ("monitor response quality during training, not
     python benchmarks/overoptimization.py                 (builds the sft and rm stages first, into --work)
     python benchmarks/overoptimization.py --sft DIR --rm DIR --betas 0,0.02,0.05,0.1 --steps 400
     python benchmarks/overoptimization.py --rm-rounds 8 --name overoptimization_rounds8   (a weaker reward model: its
-        comparisons from 8 rounds of sampling instead of embedded_task.ROUNDS = 64)
+        comparisons from 8 rounds of sampling instead of the default --comparison-rounds 64)
 
 Each run is `python train.py --algo {ppo,grpo} --model SFT --reward none --reward-model RM [--critic-init RM]
 --beta β --steps N`, one thread, two runs at a time. β = 0 is run as β = 1e-6: a reference model must be loaded for
@@ -32,13 +32,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
 
-def run(cmd: list, log: str, rounds: int | None = None) -> float:
-    """`python train.py CMD` into `log`; with `rounds`, embedded_task.ROUNDS is set first (in that process only)."""
+def run(cmd: list, log: str) -> float:
+    """`python train.py CMD` into `log`."""
     t0 = time.time()
-    patch = f"import sys, embedded_task, train; embedded_task.ROUNDS = {rounds}; sys.exit(train.main(sys.argv[1:]))"
-    script = ["-c", patch] if rounds else [os.path.join(REPO, "train.py")]
     with open(log, "w") as f:
-        subprocess.run([sys.executable, *script, *map(str, cmd)], cwd=REPO, env=ENV, stdout=f,
+        subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *map(str, cmd)], cwd=REPO, env=ENV, stdout=f,
                        stderr=subprocess.STDOUT, check=True)
     return time.time() - t0
 
@@ -157,15 +155,16 @@ def build_stages(a) -> None:
     if not a.rm:
         a.rm = os.path.join(a.work, "rm", "hf")
         if not os.path.exists(a.rm):
-            run(["--algo", "rm", "--model", a.sft, "--out", os.path.join(a.work, "rm"), "--seed", a.seed],
-                os.path.join(a.work, "rm.log"), a.rm_rounds)
+            rounds = ["--comparison-rounds", a.rm_rounds] if a.rm_rounds else []
+            run(["--algo", "rm", "--model", a.sft, "--out", os.path.join(a.work, "rm"), "--seed", a.seed, *rounds],
+                os.path.join(a.work, "rm.log"))
 
 
 def write(a, results: list[dict], seconds: float) -> None:
     rm_log = os.path.join(os.path.dirname(a.rm), "metrics.jsonl")
     rm_eval = [r for r in rows(os.path.dirname(a.rm)) if "eval_pair_accuracy" in r] if os.path.exists(rm_log) else []
     summary = {"sft": os.path.relpath(a.sft, REPO), "rm": os.path.relpath(a.rm, REPO), "steps": a.steps,
-               "rm_rounds": a.rm_rounds or "embedded_task.ROUNDS",
+               "rm_rounds": a.rm_rounds or 64,
                "rm_eval_pair_accuracy": rm_eval[-1]["eval_pair_accuracy"] if rm_eval else None,
                "runtime_s": seconds, "runs": results}
     os.makedirs(a.results, exist_ok=True)

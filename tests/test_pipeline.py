@@ -357,7 +357,7 @@ def test_each_stage_logs_the_metric_names_the_readme_lists(pipeline):
     assert all(math.isclose(r["margin"], r["chosen_reward_mean"] - r["rejected_reward_mean"], abs_tol=1e-5)
                for r in rm_rows)
     evals = train_rows(pipeline.rm, "eval_pair_accuracy")
-    held_out = sum(1 for _ in open(pipeline.rm / "embedded_data" / "comparisons" / "test.jsonl"))
+    held_out = sum(1 for _ in open(pipeline.rm / "comparisons" / "test.jsonl"))
     assert [r["step"] for r in evals] == [0, 5, 10] and all(r["eval_n"] == min(40, held_out) > 0 for r in evals)
     ppo_rows = train_rows(pipeline.ppo, "reward_mean")
     assert [r["step"] for r in ppo_rows] == [1, 2]
@@ -378,7 +378,7 @@ def test_the_reward_model_export_loads_as_it_is_and_stores_its_scale(pipeline):
     last = [r for r in metrics(pipeline.rm) if "eval_pair_accuracy" in r][-1]
     assert math.isclose(model.config.reward_mean, last["eval_reward_mean"], rel_tol=1e-9)
     assert math.isclose(model.config.reward_std, last["eval_reward_std"], rel_tol=1e-9)
-    comparisons = pipeline.rm / "embedded_data" / "comparisons"
+    comparisons = pipeline.rm / "comparisons"
     assert_export_is_the_checkpoint(model, pipeline.rm / "checkpoints" / "step_000010", "reward_model")
     # and recomputed from the export: its score of each held-out prompt + response (the first --eval-size 40 pairs),
     # one sequence at a time, the head applied by hand to the backbone's last hidden state; mean and (Bessel) std of
@@ -457,7 +457,7 @@ def test_one_rank_gives_the_two_rank_run(pipeline, stage, tmp_path):
         argv = ["--algo", "sft", "--steps", 20, "--sft-target", 0, "--eval-size", 16]
     else:  # the comparisons the 2-rank run sampled, read as a data set
         argv = ["--algo", "rm", "--model", pipeline.sft / "hf", "--dataset",
-                pipeline.rm / "embedded_data" / "comparisons", "--steps", 10, "--eval-every", 5, "--eval-size", 40,
+                pipeline.rm / "comparisons", "--steps", 10, "--eval-every", 5, "--eval-size", 40,
                 "--prompts-per-step", 16]
     p = torchrun(*argv, "--out", tmp_path / "one", "--plot", "false", nproc=1)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -470,3 +470,44 @@ def test_one_rank_gives_the_two_rank_run(pipeline, stage, tmp_path):
     key = "loss" if stage == "sft" else "eval_loss"  # rm: the same 40 held-out pairs each time, not a new minibatch
     moved = [r[key] for r in two if key in r]
     assert moved[-1] < moved[0], ("the stage learned (the comparison is not between two idle runs)", moved)
+
+
+def test_rm_on_a_data_set_of_prompts_and_answers_samples_its_own_comparisons(pipeline, tmp_path):
+    """--algo rm with a --dataset of questions and answers (no `chosen` column): --comparison-rounds rounds of two
+    samples of --model for each prompt, the verifier choosing, written to OUT/comparisons with a fifth of the prompts
+    held out, then the reward model trains on them. Checked here against the data set's own answers."""
+    problems = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(3, 28, 2) for b in (4, 9, 17)]
+    with open(tmp_path / "problems.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in problems)
+    out = tmp_path / "rm"
+    p = torchrun("--algo", "rm", "--model", pipeline.sft / "hf", "--dataset", tmp_path / "problems.jsonl",
+                 "--comparison-rounds", 3, "--steps", 2, "--eval-size", 8, "--prompts-per-step", 8, "--out", out,
+                 "--plot", "false", nproc=1)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    answers = {r["question"]: r["answer"] for r in problems}
+    train = [json.loads(line) for line in open(out / "comparisons" / "train.jsonl")]
+    test = [json.loads(line) for line in open(out / "comparisons" / "test.jsonl")]
+    assert train and test and not {c["prompt"] for c in train} & {c["prompt"] for c in test}
+    assert len({c["prompt"] for c in train + test}) <= len(problems)
+    for c in train + test:  # the right one chosen, by the data set's answer; ties never kept
+        assert rewards.math_reward(c["chosen"], answers[c["prompt"]]) == 1.0
+        assert rewards.math_reward(c["rejected"], answers[c["prompt"]]) == 0.0
+    meta = json.loads((out / "comparisons" / "meta.json").read_text())
+    assert meta["rounds"] == 3 and meta["dataset"] == str(tmp_path / "problems.jsonl") and meta["prompts"] == 39
+    assert "from 3 rounds of two samples of each of the 39 training prompts" in p.stdout
+    evals = [r for r in metrics(out) if "eval_pair_accuracy" in r]
+    assert evals and evals[-1]["eval_n"] == min(8, len(test))
+
+
+def test_rm_reads_pairs_or_prompts_and_answers_and_names_the_columns_of_anything_else(tmp_path):
+    """A `chosen`/`rejected` data set is preference pairs; one of prompts and answers is sampled from; a data set with
+    neither is refused in one line that names its columns and both kinds."""
+    args = SimpleNamespace(split="train", dataset_config="", prompt_column="question", answer_column="answer")
+    for name, row, pairs in (("pairs", {"prompt": "1+2=", "chosen": "3", "rejected": "4"}, True),
+                             ("problems", {"question": "1+2=", "answer": "3"}, False)):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+        assert reward_model.has_pairs(args, str(tmp_path / f"{name}.jsonl")) is pairs
+    (tmp_path / "other.jsonl").write_text(json.dumps({"text": "1+2=3", "label": 1}) + "\n")
+    with pytest.raises(distributed.UserError, match=r"has columns text, label: --algo rm needs preference pairs "
+                       r"\(chosen, rejected.*prompts and answers.*--prompt-column 'question'"):
+        reward_model.has_pairs(args, str(tmp_path / "other.jsonl"))
