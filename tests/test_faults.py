@@ -285,9 +285,6 @@ def runs(base, tmp_path_factory) -> dict:
         "reward_inf_on_rank_1": reward_inf_on_rank_1,
         "nan": (["--steps", 3], {"fault": "nan:2"}),
         "no_pad": (["--steps", 1, "--model", no_pad, "--dataset", base / "embedded_data"], {}),
-        "reward_raises": (["--steps", 2, "--reward", "_fault_rewards:raises", "--eval-size", 0], {}),
-        "reward_nan": (["--steps", 2, "--reward", "_fault_rewards:nan_on_third", "--eval-size", 0], {}),
-        "eval_reward_raises": (["--steps", 2, "--reward", "_fault_rewards:raises"], {}),
         "dataset_hub": (["--dataset", "no-such-org/no-such-dataset-xyz"], {}),  # datasets' offline mode: at its import
     }
 
@@ -330,6 +327,28 @@ def test_a_hub_dataset_out_of_reach_is_one_line(runs):
     assert not os.path.exists(os.path.join(out, "metrics.jsonl")), "stopped before the first evaluation"
 
 
+def in_process_error(out, argv, capsys, monkeypatch) -> str:
+    """train.main in this process, offline, one rank (what the user sees is the same: exit 2, one line, no traceback),
+    for errors found after the process group is up; returns the line."""
+    import torch.distributed as dist
+
+    import train
+
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1")):
+        monkeypatch.setenv(k, v)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    try:
+        code = train.main([str(a) for a in ["--out", out, *TINY, *argv]])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1, err[-3000:]
+    return errors[0]
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--model", "no-such-org/no-such-model-xyz"], "--model 'no-such-org/no-such-model-xyz' is not a local directory "
                                                    "and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
@@ -339,12 +358,7 @@ def test_a_hub_dataset_out_of_reach_is_one_line(runs):
     (["--dataset", "{data}/long.jsonl"], "tokens; with --max-new-tokens 4 it exceeds the model's context of 64 tokens"),
 ])
 def test_model_or_dataset_that_cannot_be_used(flags, says, base, tmp_path, capsys, monkeypatch):
-    """train.main in this process (what the user sees is the same: exit 2, one line, no traceback), after the process
-    group is up: the model and data are read there."""
-    import torch.distributed as dist
-
-    import train
-
+    """After the process group is up: the model and data are read there."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "empty.jsonl").write_text("")
@@ -352,31 +366,23 @@ def test_model_or_dataset_that_cannot_be_used(flags, says, base, tmp_path, capsy
     (data / "long.jsonl").write_text("".join(json.dumps({"question": "1+" * 40 + "1=", "answer": "41"}) + "\n"
                                              for _ in range(10)))
     out = copy_base(base, tmp_path / "out")
-    for k, v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1")):
-        monkeypatch.setenv(k, v)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
-    try:
-        code = train.main([str(a) for a in ["--out", out, *TINY, *(f.format(data=data) for f in flags)]])
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and "Traceback" not in err and len(errors) == 1, err[-3000:]
-    assert says in errors[0], errors[0]
+    line = in_process_error(out, [f.format(data=data) for f in flags], capsys, monkeypatch)
+    assert says in line, line
     assert not os.path.exists(os.path.join(out, "metrics.jsonl")), "stopped before the first evaluation"
 
 
-@pytest.mark.parametrize("run, says, logged", [
-    ("reward_raises", "reward '_fault_rewards:raises' raised ValueError: boom on sample 0 of step 1", []),
-    ("reward_nan", "reward '_fault_rewards:nan_on_third' returned nan on sample 2 of step 1", []),
-    ("eval_reward_raises", "reward '_fault_rewards:raises' raised ValueError: boom on evaluation prompt 0", []),
+@pytest.mark.parametrize("flags, says, logged", [
+    (["--reward", "_fault_rewards:raises", "--eval-size", 0],
+     "reward '_fault_rewards:raises' raised ValueError: boom on sample 0 of step 1", []),
+    (["--reward", "_fault_rewards:nan_on_third", "--eval-size", 0],
+     "reward '_fault_rewards:nan_on_third' returned nan on sample 2 of step 1", []),
+    (["--reward", "_fault_rewards:raises"], "reward '_fault_rewards:raises' raised ValueError: boom on evaluation "
+                                            "prompt 0", []),
 ])
-def test_reward_that_raises_or_is_not_finite(run, says, logged, runs):
+def test_reward_that_raises_or_is_not_finite(flags, says, logged, base, tmp_path, capsys, monkeypatch):
     """In a step (no evaluation) and in the step-0 evaluation, which scores its greedy completions with --reward."""
-    out, p = runs[run]
-    assert says in one_error(p)
+    out = copy_base(base, tmp_path / "out")
+    assert says in in_process_error(out, ["--steps", 2, *flags], capsys, monkeypatch)
     assert [r["step"] for r in rows(out)] == logged and checkpoints(out) == [], "nothing may reach the optimizer"
 
 
