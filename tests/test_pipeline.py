@@ -255,8 +255,12 @@ def test_preference_file_without_chosen_or_with_identical_pairs(tmp_path, tiny_m
     _, lm, _ = tiny_models
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "1+1=", "good": "2", "bad": "3"}) + "\n")
-    assert "has no column 'chosen'" in run_error(capsys, "--algo", "rm", "--model", lm, "--dataset", bad, "--out",
-                                                 tmp_path / "o1")
+    assert "has columns prompt, good, bad: --algo rm needs preference pairs" in run_error(
+        capsys, "--algo", "rm", "--model", lm, "--dataset", bad, "--out", tmp_path / "o1")
+    half = tmp_path / "half.jsonl"
+    half.write_text(json.dumps({"prompt": "1+1=", "chosen": "2"}) + "\n")
+    assert "has no column 'rejected'" in run_error(capsys, "--algo", "rm", "--model", lm, "--dataset", half, "--out",
+                                                   tmp_path / "o3")
     same = tmp_path / "same.jsonl"
     same.write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": "5", "rejected": "5" if i == 3 else "6"}) + "\n"
                             for i in range(10)))
