@@ -9,6 +9,8 @@ a requirement of the project):
     python benchmarks/trl_compare.py --seeds 0,1,2 --steps 300
     python benchmarks/trl_compare.py --quick                # smoke test: seed 0, 10 steps per side
     python benchmarks/trl_compare.py --model DIR --dataset DIR   # another start model, DIR/{train,test}.jsonl
+    python benchmarks/trl_compare.py --preset smollm2 --model models/SmolLM2-135M-Instruct --dataset out/word_problems \
+        --seeds 0 --steps 6 --skip-steps 1 --threads 2      # the real model's recipe: time per step
 
 That the two sides compute the same loss and gradient is a test, tests/test_trl_equivalence.py (how to run it:
 benchmarks/trl_requirements.txt): on one batch they agree to ~1e-4 relative, the ε of the advantages' std division.
@@ -26,7 +28,8 @@ Here:
  3. The start and final greedy accuracy of both sides by one function, greedy_accuracy().
  4. A short table on stdout; every number in benchmarks/results/trl_compare.json (trl_compare_quick.json with --quick).
 
-Equal settings (SETTINGS, the flags of ours_command() and the fields of trl_config(), each with its reason): 16
+Equal settings (SETTINGS, the flags of ours_command() and the fields of trl_config(), each with its reason; --preset
+smollm2 swaps in benchmarks/real_model.py's recipe with the chat template on both sides, and times steps only): 16
 prompts × 8 completions per optimizer step (on-policy: π_θold is the update's own first forward pass), β 0.04 with
 k3, lr 3e-4 constant, AdamW, clipping at norm 1, ε 0.2, token-mean loss, group-std-scaled advantages, ≤ 4 new tokens
 at temperature 1, no entropy bonus, fp32 on the CPU, one process, the same torch threads (--threads) for both sides
@@ -44,8 +47,14 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TRL_PYTHON = os.path.join(REPO, ".trl-venv", "bin", "python")  # a virtualenv in the checkout
-SETTINGS = dict(prompts_per_step=16, group_size=8, beta=0.04, lr=3e-4, max_new_tokens=4, temperature=1.0, eps=0.2,
-                max_grad_norm=1.0, weight_decay=0.0)  # both sides': ours_command() and trl_side.trl_config()
+PRESETS = {  # both sides' settings: ours_command() and trl_side.trl_config(); chosen by --preset
+    "embedded": dict(prompts_per_step=16, group_size=8, beta=0.04, lr=3e-4, max_new_tokens=4, temperature=1.0,
+                     eps=0.2, max_grad_norm=1.0, weight_decay=0.0, chat_template=False, eval_size=200),
+    # benchmarks/real_model.py's recipe in one process (--model SmolLM2-135M-Instruct --dataset out/word_problems);
+    # time per step only: no evaluations
+    "smollm2": dict(prompts_per_step=4, group_size=8, beta=0.02, lr=2e-5, max_new_tokens=24, temperature=1.0,
+                    eps=0.2, max_grad_norm=1.0, weight_decay=0.0, chat_template=True, eval_size=0)}
+SETTINGS = dict(PRESETS[os.environ.get("TRL_COMPARE_PRESET", "embedded")])  # trl_side.py inherits the preset
 PHASES = ("generate", "score", "forward", "update")
 
 
@@ -95,7 +104,8 @@ def ours_command(python: str, model_dir: str, data_dir: str, out: str, seed: int
         "--weight-decay": s["weight_decay"], "--max-grad-norm": s["max_grad_norm"], "--eps": s["eps"],
         "--max-new-tokens": s["max_new_tokens"], "--temperature": s["temperature"], "--mask-truncated": "false",
         "--loss-agg": "token-mean", "--scale-rewards": "true", "--ent-coef": 0, "--reward": "math",
-        "--steps": steps, "--eval-size": 200, "--eval-every": steps,  # train.py's own eval at step 0 and at the end
+        "--chat-template": str(s["chat_template"]).lower(),  # the tokenizer's chat template around each question
+        "--steps": steps, "--eval-size": s["eval_size"], "--eval-every": steps,  # train.py's own eval at step 0 and at the end
         "--save-every": 0, "--export": "true",  # one checkpoint + OUT/hf export, after the last timed step
         "--plot": "false", "--dtype": "fp32", "--seed": seed, "--out": out,
     }
@@ -162,7 +172,8 @@ def run_side(side: str, seed: int, a, start: tuple[str, str], work: str) -> dict
     final = os.path.join(out, "hf" if side == "ours" else "final")
     row = {"seed": seed, "side": side, "median_ms": 1e3 * statistics.median(kept),
            "mean_ms": 1e3 * statistics.fmean(kept), "steps_timed": len(kept),
-           "final_accuracy": greedy_accuracy(final, os.path.join(data_dir, "test.jsonl"), model_dir),
+           "final_accuracy": greedy_accuracy(final, os.path.join(data_dir, "test.jsonl"), model_dir)
+           if SETTINGS["eval_size"] else float("nan"),
            "phases_median_ms": {k: 1e3 * statistics.median(v[a.skip_steps:] or v) for k, v in raw["phases_s"].items()},
            "process_wall_s": wall, "raw": raw}
     print(f"{side:>4} seed {seed}: median step {row['median_ms']:.1f} ms, mean {row['mean_ms']:.1f} ms, "
@@ -175,6 +186,8 @@ def checks(runs: list[dict], start_acc: float, steps: int) -> list[str]:
     out, want = [], (SETTINGS["prompts_per_step"] * SETTINGS["group_size"], SETTINGS["prompts_per_step"])
     for r in runs:
         ev = r["raw"].get("internal_eval") or [(0, start_acc), (steps, r["final_accuracy"])]
+        if not SETTINGS["eval_size"]:
+            ev = [(0, start_acc), (steps, r["final_accuracy"])]
         if abs(ev[0][1] - start_acc) > 1e-9 or abs(ev[-1][1] - r["final_accuracy"]) > 1e-9:
             out.append(f"seed {r['seed']}: train.py's own eval ({ev[0][1]:.3f} → {ev[-1][1]:.3f}) differs from "
                        f"greedy_accuracy() ({start_acc:.3f} → {r['final_accuracy']:.3f})")
@@ -221,7 +234,7 @@ def compare(a) -> int:
     load, t0 = os.getloadavg(), time.time()
     start = start_point(a, work)
     test_path = os.path.join(start[1], "test.jsonl")
-    start_acc = greedy_accuracy(start[0], test_path, start[0])
+    start_acc = greedy_accuracy(start[0], test_path, start[0]) if SETTINGS["eval_size"] else float("nan")
     print(f"start greedy accuracy {start_acc:.3f} on {len(read_jsonl(test_path))} test prompts", flush=True)
     runs = [run_side(side, seed, a, start, work)  # in this order, one after the other
             for i, seed in enumerate(seeds) for side in (("ours", "trl") if i % 2 == 0 else ("trl", "ours"))]
@@ -237,7 +250,8 @@ def compare(a) -> int:
               "summary": summarize(runs), "warnings": checks(runs, start_acc, a.steps), "runs": runs}
     show(report)
     os.makedirs(a.results_dir, exist_ok=True)
-    path = os.path.join(a.results_dir, "trl_compare" + ("_quick" if a.quick else "") + ".json")
+    stem = "trl_compare" + ("" if a.preset == "embedded" else "_" + a.preset) + ("_quick" if a.quick else "")
+    path = os.path.join(a.results_dir, stem + ".json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {path}")
@@ -254,6 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per side and for the evaluation")
     p.add_argument("--model", help="start from this Hugging Face model directory (default: train.py --algo sft's)")
     p.add_argument("--dataset", help="with --model: a directory of train.jsonl and test.jsonl (question, answer)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="embedded", help="the settings of both sides")
     p.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON, help="Python of the TRL virtualenv")
     p.add_argument("--ours-python", default=sys.executable, help="Python that runs train.py (default: this one)")
     p.add_argument("--work-dir", default=os.path.join(REPO, "out", "trl_compare"), help="runs, logs and models")
@@ -261,6 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--reuse-sft", action="store_true", help="reuse WORK/sft from an earlier run instead of building "
                    "it again (train.py's warm start may have changed since)")
     a = p.parse_args(argv)
+    os.environ["TRL_COMPARE_PRESET"] = a.preset  # for trl_side.py, started with this environment
+    SETTINGS.update(PRESETS[a.preset])
     a.seeds = a.seeds or ("0" if a.quick else "0,1,2,3,4")
     a.steps = (10 if a.quick else 300) if a.steps is None else a.steps
     a.skip_steps = (2 if a.quick else 10) if a.skip_steps is None else a.skip_steps

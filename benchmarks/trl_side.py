@@ -37,7 +37,7 @@ def trl_config(out_dir: str, seed: int, steps: int) -> dict:
         importance_sampling_level="token", scale_rewards="group", multi_objective_aggregation="sum_then_normalize",
         use_bias_correction_kl=False,  # 1.13 default True multiplies k3 by ρ: another KL gradient than ours
         mask_truncated_completions=False, top_entropy_quantile=1.0, entropy_coef=0.0, off_policy_mask_threshold=None,
-        # sampling: softmax(logits/τ) only, at most 4 new tokens, transformers' generate (no vLLM, no paged batching)
+        # sampling: softmax(logits/τ) only, at most max_new_tokens, transformers' generate (no vLLM, no paged batching)
         temperature=s["temperature"], top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0,
         max_completion_length=s["max_new_tokens"], use_vllm=False, use_transformers_continuous_batching=False,
         # device and precision: fp32 on the CPU, the whole graph kept (TRL defaults to gradient checkpointing on)
@@ -66,7 +66,8 @@ def run(a) -> None:
 
     torch.set_num_threads(a.threads)
     rows = read_jsonl(os.path.join(a.dataset, "train.jsonl"))
-    dataset = datasets.Dataset.from_list([{"prompt": r["question"], "answer": r["answer"]} for r in rows])  # plain text
+    chat = lambda q: [{"role": "user", "content": q}] if SETTINGS["chat_template"] else q  # noqa: E731  (TRL applies the template)
+    dataset = datasets.Dataset.from_list([{"prompt": chat(r["question"]), "answer": r["answer"]} for r in rows])
     config = trl.GRPOConfig(**trl_config(os.path.join(a.out, "trainer"), a.seed, a.steps))
     tok = transformers.AutoTokenizer.from_pretrained(a.model, padding_side="left")
     times, phases, batches, t0 = [], [], [], [0.0]
@@ -87,12 +88,13 @@ def run(a) -> None:
             result = fn(*args, **kwargs)
             phases[-1][name] = phases[-1].get(name, 0.0) + time.perf_counter() - t
             if name == "rollout":  # what one generation batch holds: sequences and distinct prompts
-                batches.append((len(args[0]), len({x["prompt"] for x in args[0]})))
+                batches.append((len(args[0]), len({str(x["prompt"]) for x in args[0]})))
             return result
         return wrapper
 
     def math_reward(completions, answer, **kwargs):  # TRL passes the dataset's other columns as keyword arguments
-        return [rewards.math_reward(c, x) for c, x in zip(completions, answer)]
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]  # a conversation's last turn
+        return [rewards.math_reward(t, x) for t, x in zip(texts, answer)]
 
     trainer = trl.GRPOTrainer(model=a.model, reward_funcs=[math_reward], args=config, train_dataset=dataset,
                               processing_class=tok, callbacks=[StepTimer()])
