@@ -104,6 +104,8 @@ def as_run(cmd: str, data: dict) -> list[str] | None:
 
 
 def main() -> None:
+    if not os.path.exists(os.path.join(REPO, MODEL, "config.json")):
+        sys.exit(f"error: no {MODEL}: run `python gguf_model.py` first")
     # Fresh outputs each time: train.py refuses an --out that already holds a checkpoint (without --resume).
     shutil.rmtree(os.path.join(REPO, WORK, "runs"), ignore_errors=True)
     data = write_data()
@@ -120,16 +122,15 @@ def main() -> None:
             lines.append(f"| {page} | `{cmd}` | not runnable on one machine | | |")
             continue
         print(" ".join(argv), flush=True)
-        t0 = time.time()
-        if argv[0] == "python":
-            argv[0] = sys.executable
         log = os.path.join(REPO, WORK, f"command_{len(seen)}.log")
-        with open(log, "w") as f:
-            code = subprocess.run(argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+        t0 = time.time()
+        with open(log, "w") as f:  # `python` as this interpreter, the one whose packages are installed
+            code = subprocess.run([sys.executable, *argv[1:]] if argv[0] == "python" else argv, cwd=REPO,
+                                  stdout=f, stderr=subprocess.STDOUT).returncode
+        seconds = time.time() - t0
         failed += code != 0
-        shown = " ".join(["python" if a == sys.executable else a for a in argv])
-        lines.append(f"| {page} | `{cmd}` | `{shown}` | {code} | {time.time() - t0:.0f} |")
-        print(f"exit {code} in {time.time() - t0:.0f} s (log: {os.path.relpath(log, REPO)})", flush=True)
+        lines.append(f"| {page} | `{cmd}` | `{' '.join(argv)}` | {code} | {seconds:.0f} |")
+        print(f"exit {code} in {seconds:.0f} s (log: {os.path.relpath(log, REPO)})", flush=True)
     path = os.path.join(REPO, "benchmarks", "results", "readme_commands.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
